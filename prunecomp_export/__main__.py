@@ -1,0 +1,3 @@
+from prunecomp_export.cli import main
+
+main()

@@ -1,0 +1,65 @@
+"""``prunecomp-export RECIPE.yaml``: a thin command line over ``pipeline.run``."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from prunecomp_export.errors import PrunecompError
+from prunecomp_export.registry import UnknownName
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("recipe", type=click.Path(dir_okay=False))
+@click.option(
+    "--target",
+    "-t",
+    "targets",
+    multiple=True,
+    default=("hf",),
+    show_default=True,
+    help="Deployment target (repeatable): hf, onnx, vllm, tensorrt.",
+)
+@click.option("--output", "-o", help="Output directory (overrides output.dir).")
+@click.option("--set", "overrides", multiple=True, metavar="KEY.PATH=VALUE", help="Override a recipe value.")
+@click.option("--dry-run", is_flag=True, help="Validate the recipe and the model config without loading weights.")
+@click.version_option(package_name="prunecomp-export")
+def main(recipe: str, targets: tuple[str, ...], output: str | None, overrides: tuple[str, ...], dry_run: bool) -> None:
+    """Prune whole decoder layers with Prune&Comp and export the smaller model."""
+    from rich.console import Console
+
+    from prunecomp_export import pipeline, summary
+    from prunecomp_export.progress import RichReporter
+    from prunecomp_export.recipe import load_recipe
+    from prunecomp_export.targets import TARGETS
+
+    console = Console()
+    try:
+        names = list(dict.fromkeys(targets))
+        for name in names:
+            TARGETS.get(name)
+        extra = [f"output.dir={output}"] if output else []
+        loaded = load_recipe(recipe, [*overrides, *extra])
+        if dry_run:
+            summary.print_dry_run(pipeline.dry_run(loaded, names), console)
+            return
+        result = pipeline.run(loaded, names, RichReporter())
+        summary.print_run(result, console)
+    except UnknownName as exc:
+        _fail(f"--target: {exc}", 2)
+    except PrunecompError as exc:
+        _fail(str(exc), exc.exit_code)
+    except FileExistsError as exc:
+        _fail(str(exc), 2)
+    except KeyboardInterrupt:
+        _fail("interrupted; nothing was written", 130)
+
+
+def _fail(message: str, code: int) -> None:
+    click.echo(f"prunecomp-export: error: {message}", err=True)
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,273 @@
+"""The Prune&Comp loop: score, pick, measure the gap, delete, fold; one layer per round.
+
+The result is a trajectory of steps (which original layers went, with which alpha) that can be
+replayed on the dense model to rebuild the checkpoint at any number of removed layers.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from prunecomp_export.adapters import Adapter
+from prunecomp_export.compensation import FoldForm, fold, magnitude_gap
+from prunecomp_export.errors import RecipeError
+from prunecomp_export.metrics import METRICS, Metric, MetricContext, contiguous_cosine_blocks
+from prunecomp_export.progress import Reporter
+from prunecomp_export.recipe import PruneSpec
+from prunecomp_export.registry import UnknownName
+from prunecomp_export.streams import ResidualStreams
+from prunecomp_export.surgery import delete_layers
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What the recipe asks, checked against the model before any weights are touched."""
+
+    metric: Metric
+    num_layers: int
+    num_drop: int
+    protected: frozenset[int]
+    drop_layers: tuple[int, ...] | None
+    fold_form: FoldForm | None  # None: no compensation
+    untie: bool
+
+
+@dataclass
+class Step:
+    """One removal: contiguous original layer indices and the alpha folded for them."""
+
+    removed: list[int]
+    alpha: float
+
+
+@dataclass
+class Round:
+    round: int
+    step: Step
+    #: original indices of the layers that were scored this round, and their scores
+    scored_layers: list[int] | None
+    scores: list[float] | None
+    calibration_loss: float
+    layer_forwards: int
+    full_forward_layer_forwards: int
+
+    def to_json(self) -> dict:
+        data = asdict(self)
+        data["scores"] = None if self.scores is None else [None if math.isnan(s) else s for s in self.scores]
+        return data
+
+
+@dataclass
+class Trajectory:
+    metric: str
+    schedule: str
+    fold_form: FoldForm | None
+    untie: bool
+    dense_calibration_loss: float
+    rounds: list[Round] = field(default_factory=list)
+
+    @property
+    def steps(self) -> list[Step]:
+        return [r.step for r in self.rounds]
+
+    @property
+    def removed(self) -> list[int]:
+        return [i for step in self.steps for i in step.removed]
+
+    def to_json(self) -> dict:
+        return {
+            "metric": self.metric,
+            "schedule": self.schedule,
+            "fold_form": self.fold_form,
+            "untie": self.untie,
+            "dense_calibration_loss": self.dense_calibration_loss,
+            "removed_in_order": self.removed,
+            "rounds": [r.to_json() for r in self.rounds],
+        }
+
+
+def make_plan(spec: PruneSpec, num_layers: int, tied: bool) -> Plan:
+    """Validate the prune section against the model's layer count (used by --dry-run too)."""
+    try:
+        metric = METRICS.get(spec.metric)
+    except UnknownName as exc:
+        raise RecipeError(str(exc), key="prune.metric") from None
+    if spec.protected_layers is None:
+        protected = metric.default_protected(num_layers)
+    else:
+        protected = {_normalise(i, num_layers, "prune.protected_layers") for i in spec.protected_layers}
+    drop_layers = None
+    if spec.drop_layers is not None:
+        drop_layers = tuple(_normalise(i, num_layers, "prune.drop_layers") for i in spec.drop_layers)
+        if clash := sorted(set(drop_layers) & protected):
+            raise RecipeError(f"layers {clash} are protected", key="prune.drop_layers")
+        num_drop = len(drop_layers)
+    elif spec.num_drop is not None:
+        num_drop = spec.num_drop
+    else:
+        num_drop = max(1, round(spec.ratio * num_layers))
+    removable = num_layers - len(protected)
+    if num_drop >= num_layers or num_drop > removable:
+        key = "prune.num_drop" if spec.num_drop is not None else ("prune.ratio" if spec.ratio else "prune.drop_layers")
+        raise RecipeError(
+            f"asks to remove {num_drop} layers but the model has {num_layers}, of which {removable} are not "
+            "protected (at least one layer must stay)",
+            key=key,
+        )
+    if metric.block and spec.schedule != "one_shot" and drop_layers is None:
+        raise RecipeError(
+            "contiguous_cosine removes one contiguous block at once: set prune.schedule: one_shot", key="prune.schedule"
+        )
+    untie = tied and spec.tied_embedding == "untie"
+    if spec.compensation == "none":
+        fold_form = None
+    elif tied and spec.tied_embedding == "post_gap":
+        fold_form = "post_gap"
+    elif tied and spec.tied_embedding == "scale_tied":
+        fold_form = "pre_gap"
+    else:
+        fold_form = spec.fold
+    return Plan(metric, num_layers, num_drop, frozenset(protected), drop_layers, fold_form, untie)
+
+
+def _normalise(index: int, num_layers: int, key: str) -> int:
+    if not -num_layers <= index < num_layers:
+        raise RecipeError(f"layer {index} does not exist: the model has {num_layers} layers", key=key)
+    return index % num_layers
+
+
+def prune(
+    model: nn.Module,
+    adapter: Adapter,
+    batches: list[torch.Tensor],
+    plan: Plan,
+    schedule: str,
+    reporter: Reporter | None = None,
+) -> Trajectory:
+    """Remove ``plan.num_drop`` layers from ``model`` in place and return the trajectory."""
+    if plan.untie:
+        adapter.untie_embeddings(model)
+    reporter = reporter or Reporter()
+    streams = ResidualStreams(model, adapter, batches)
+    streams.capture(reporter)
+    trajectory = Trajectory(plan.metric.name, schedule, plan.fold_form, plan.untie, streams.lm_loss())
+    original = list(range(plan.num_layers))  # original index of each current layer
+    if schedule == "one_shot":
+        _one_shot(streams, plan, original, trajectory)
+    else:
+        for number in reporter.track(range(plan.num_drop), "pruning rounds"):
+            _one_round(streams, plan, original, trajectory, number)
+    return trajectory
+
+
+def _candidates(plan: Plan, original: list[int]) -> frozenset[int]:
+    return frozenset(k for k, o in enumerate(original) if o not in plan.protected)
+
+
+def _one_round(streams: ResidualStreams, plan: Plan, original: list[int], trajectory: Trajectory, number: int) -> None:
+    start = streams.layer_forwards
+    candidates = _candidates(plan, original)
+    scores = plan.metric.score(MetricContext(streams, candidates))
+    if plan.drop_layers is not None:
+        index = original.index(plan.drop_layers[number])
+    else:
+        index = min(candidates, key=lambda k: scores[k])
+    alpha = _alpha(streams, plan, index, 1)
+    scored = list(original)
+    removed = original[index]
+    _remove(streams, plan, original, index, 1, alpha)
+    trajectory.rounds.append(
+        Round(
+            number + 1,
+            Step([removed], alpha),
+            scored,
+            scores,
+            streams.lm_loss(),
+            streams.layer_forwards - start,
+            len(scored) * len(streams.batches),
+        )
+    )
+
+
+def _alpha(streams: ResidualStreams, plan: Plan, index: int, count: int) -> float:
+    """The gap across current layers index..index+count-1; none needed before the final norm."""
+    if plan.fold_form is None or index + count >= streams.num_layers:
+        return 1.0
+    return magnitude_gap(streams.boundary(index), streams.boundary(index + count))
+
+
+def _remove(streams: ResidualStreams, plan: Plan, original: list[int], index: int, count: int, alpha: float) -> None:
+    delete_layers(streams.adapter, streams.model, index, count)
+    del original[index : index + count]
+    if plan.fold_form is not None:
+        fold(streams.adapter, streams.model, index, alpha, plan.fold_form)
+    scale = alpha if plan.fold_form == "pre_gap" and index < streams.num_layers else 1.0
+    streams.after_removal(index, count, scale_before=scale)
+
+
+def _one_shot(streams: ResidualStreams, plan: Plan, original: list[int], trajectory: Trajectory) -> None:
+    """All layers chosen from the dense model's scores; one alpha per contiguous run, measured on
+    the dense model (the paper's one-shot rows and the LLM-Streamline block)."""
+    start = streams.layer_forwards
+    candidates = _candidates(plan, original)
+    scores = plan.metric.score(MetricContext(streams, candidates))
+    if plan.drop_layers is not None:
+        chosen = sorted(plan.drop_layers)
+    elif plan.metric.block:
+        blocks = contiguous_cosine_blocks(streams, plan.num_drop)
+        allowed = [i for i in range(len(blocks)) if all(k in candidates for k in range(i, i + plan.num_drop))]
+        first = min(allowed, key=lambda i: blocks[i])
+        chosen = list(range(first, first + plan.num_drop))
+    else:
+        chosen = sorted(sorted(candidates, key=lambda k: scores[k])[: plan.num_drop])
+    runs = _contiguous_runs(chosen)
+    alphas = [_alpha(streams, plan, run[0], len(run)) for run in runs]
+    scored = list(original)
+    # Delete from the back so earlier indices stay valid; each fold uses the gap's current index.
+    for number, (run, alpha) in enumerate(reversed(list(zip(runs, alphas, strict=True)))):
+        removed = original[run[0] : run[-1] + 1]
+        _remove(streams, plan, original, run[0], len(run), alpha)
+        trajectory.rounds.append(
+            Round(
+                number + 1,
+                Step(removed, alpha),
+                None,
+                None,
+                math.nan,
+                0,
+                len(scored) * len(streams.batches),
+            )
+        )
+    trajectory.rounds.reverse()
+    for number, entry in enumerate(trajectory.rounds):
+        entry.round = number + 1
+    trajectory.rounds[0].scored_layers, trajectory.rounds[0].scores = scored, scores
+    trajectory.rounds[-1].calibration_loss = streams.lm_loss()
+    trajectory.rounds[-1].layer_forwards = streams.layer_forwards - start
+
+
+def _contiguous_runs(indices: list[int]) -> list[list[int]]:
+    runs: list[list[int]] = []
+    for i in indices:
+        if runs and runs[-1][-1] == i - 1:
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+    return runs
+
+
+def replay(model: nn.Module, adapter: Adapter, steps: list[Step], fold_form: FoldForm | None, untie: bool) -> None:
+    """Apply recorded steps to a dense model: rebuilds the checkpoint after any prefix of a run."""
+    if untie:
+        adapter.untie_embeddings(model)
+    original = list(range(len(adapter.layers(model))))
+    for step in steps:
+        index = original.index(step.removed[0])
+        delete_layers(adapter, model, index, len(step.removed))
+        del original[index : index + len(step.removed)]
+        if fold_form is not None:
+            fold(adapter, model, index, step.alpha, fold_form)

@@ -1,0 +1,56 @@
+"""Rich tables summarising a run or a dry run."""
+
+from __future__ import annotations
+
+import math
+
+from rich.console import Console
+from rich.table import Table
+
+from prunecomp_export.pipeline import DryRunResult, RunResult
+
+
+def print_dry_run(result: DryRunResult, console: Console) -> None:
+    plan = result.plan
+    table = Table(title="dry run: recipe and model config are valid", show_header=False)
+    table.add_row("architecture", result.model_type)
+    table.add_row("layers", f"{result.num_layers} -> {result.num_layers - plan.num_drop}")
+    table.add_row("metric", plan.metric.name)
+    table.add_row("protected layers", ", ".join(map(str, sorted(plan.protected))) or "none")
+    table.add_row("tied embeddings", "yes" if result.tied_embeddings else "no")
+    table.add_row("compensation fold", plan.fold_form or "none" + (" (untied first)" if plan.untie else ""))
+    table.add_row("targets", ", ".join(result.targets))
+    console.print(table)
+
+
+def print_run(result: RunResult, console: Console) -> None:
+    trajectory = result.trajectory
+    rounds = Table(title=f"Prune&Comp trajectory ({trajectory.metric}, {trajectory.schedule})")
+    for column in ("round", "removed (original)", "alpha", "calib loss", "layer-forwards", "vs full forward"):
+        rounds.add_column(column, justify="right")
+    rounds.add_row("0", "-", "-", f"{trajectory.dense_calibration_loss:.4f}", "-", "-")
+    for r in trajectory.rounds:
+        loss = "" if math.isnan(r.calibration_loss) else f"{r.calibration_loss:.4f}"
+        share = r.layer_forwards / r.full_forward_layer_forwards if r.layer_forwards else 0.0
+        rounds.add_row(
+            str(r.round),
+            ", ".join(map(str, r.step.removed)),
+            f"{r.step.alpha:.4f}",
+            loss,
+            str(r.layer_forwards),
+            f"{share:.2f}x" if r.layer_forwards else "",
+        )
+    console.print(rounds)
+    if result.perplexity:
+        ppl = Table(title=f"held-out token perplexity, {result.layers_before} -> {result.layers_after} layers")
+        ppl.add_column("corpus")
+        variants = [v for v in ("dense", "baseline", "prunecomp") if any(v in p for p in result.perplexity.values())]
+        labels = {"dense": "dense", "baseline": "one-shot, no comp.", "prunecomp": "Prune&Comp"}
+        for variant in variants:
+            ppl.add_column(labels[variant], justify="right")
+        for name, values in result.perplexity.items():
+            ppl.add_row(name, *(f"{values[v]:.2f}" if v in values else "" for v in variants))
+        console.print(ppl)
+        if result.baseline_removed is not None:
+            console.print(f"baseline removed layers {sorted(result.baseline_removed)}")
+    console.print(f"wrote {result.output} in {result.seconds:.0f} s")
