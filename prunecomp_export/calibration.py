@@ -40,6 +40,14 @@ def spaced_windows(tokens: torch.Tensor, length: int, max_windows: int | None) -
     return windows
 
 
+def check_calibration_source(spec: CalibrationSpec) -> None:
+    """The checks that need no data loading, so --dry-run catches a missing file or corpus."""
+    if spec.source == "builtin" and spec.corpus not in corpus.BUILTIN:
+        raise RecipeError(corpus.BUILTIN.unknown_message(spec.corpus or ""), key="calibration.corpus")
+    if spec.source == "text":
+        corpus.check_files(spec.files, key="calibration.files")
+
+
 def calibration_documents(spec: CalibrationSpec) -> list[str]:
     if spec.source == "builtin":
         return corpus.builtin_corpus(spec.corpus or "", key="calibration.corpus")

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import bz2
 import importlib.util
+import json
+import os
 import re
 from collections.abc import Callable
 from functools import cache
@@ -33,16 +35,32 @@ def gensim_data_dir() -> Path:
 
 @cache
 def wikipedia_articles() -> tuple[str, ...]:
-    """Plain text of the Wikipedia excerpt's real articles (redirects and stubs dropped), in file order."""
+    """Plain text of the Wikipedia excerpt's real articles (redirects and stubs dropped), in file order.
+
+    Stripping the wiki markup takes tens of seconds, so the result is cached on disk, keyed by the
+    source file's size and modification time."""
+    source = gensim_data_dir() / WIKI_FILE
+    stat = source.stat()
+    cached = _cache_dir() / f"gensim-wiki-{stat.st_size}-{int(stat.st_mtime)}-{MIN_ARTICLE_CHARS}.json"
+    if cached.is_file():
+        return tuple(json.loads(cached.read_text(encoding="utf-8")))
     from gensim.corpora.wikicorpus import extract_pages, filter_wiki
 
     articles = []
-    with bz2.open(gensim_data_dir() / WIKI_FILE) as handle:
+    with bz2.open(source) as handle:
         for _title, markup, _page_id in extract_pages(handle):
             text = re.sub(r"\n{3,}", "\n\n", filter_wiki(markup)).strip()
             if len(text) >= MIN_ARTICLE_CHARS and not text.lower().startswith("#redirect"):
                 articles.append(text)
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    staging = cached.with_suffix(f".tmp-{os.getpid()}")
+    staging.write_text(json.dumps(articles), encoding="utf-8")
+    os.replace(staging, cached)
     return tuple(articles)
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("PRUNECOMP_CACHE", Path.home() / ".cache" / "prunecomp_export"))
 
 
 @BUILTIN.register("gensim-wiki")
@@ -74,13 +92,8 @@ def builtin_corpus(name: str, *, key: str) -> list[str]:
 
 
 def text_files(files: list[str], *, key: str) -> list[str]:
-    documents = []
-    for index, name in enumerate(files):
-        path = Path(name).expanduser()
-        if not path.is_file():
-            raise RecipeError(f"file not found: {path}", key=f"{key}.{index}")
-        documents.append(path.read_text(encoding="utf-8", errors="replace"))
-    return documents
+    check_files(files, key=key)
+    return [Path(name).expanduser().read_text(encoding="utf-8", errors="replace") for name in files]
 
 
 def dataset_texts(name: str, config: str | None, split: str, field: str, *, key: str) -> list[str]:
@@ -104,10 +117,21 @@ def dataset_texts(name: str, config: str | None, split: str, field: str, *, key:
     return [text for text in loaded[field] if text and text.strip()]
 
 
+def check_corpus(name: str, *, key: str) -> None:
+    """Fail early (e.g. under --dry-run) on a corpus that is neither builtin nor an existing file."""
+    if name not in BUILTIN and not Path(name).expanduser().is_file():
+        raise RecipeError(BUILTIN.unknown_message(name) + ", or a text file path", key=key)
+
+
+def check_files(files: list[str], *, key: str) -> None:
+    for index, name in enumerate(files):
+        if not Path(name).expanduser().is_file():
+            raise RecipeError(f"file not found: {name}", key=f"{key}.{index}")
+
+
 def resolve_corpus(name: str, *, key: str) -> list[str]:
     """An evaluation corpus by name: a builtin corpus or a text file path."""
+    check_corpus(name, key=key)
     if name in BUILTIN:
         return builtin_corpus(name, key=key)
-    if Path(name).expanduser().is_file():
-        return text_files([name], key=key)
-    raise RecipeError(BUILTIN.unknown_message(name) + ", or a text file path", key=key)
+    return text_files([name], key=key)

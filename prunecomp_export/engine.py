@@ -209,43 +209,57 @@ def _remove(streams: ResidualStreams, plan: Plan, original: list[int], index: in
     streams.after_removal(index, count, scale_before=scale)
 
 
+def one_shot_choice(plan: Plan, scores: list[float], candidates: frozenset[int]) -> list[int]:
+    """The layers a one-shot run removes, from scores on the dense model: the given drop_layers,
+    or the ``num_drop`` lowest-scoring candidates."""
+    if plan.drop_layers is not None:
+        return sorted(plan.drop_layers)
+    return sorted(sorted(candidates, key=lambda k: scores[k])[: plan.num_drop])
+
+
+def baseline_layers(plan: Plan, trajectory: Trajectory) -> list[int]:
+    """What the same metric removes in one shot: the first round's scores were taken on the
+    dense model, so the one-shot choice needs no extra forward pass."""
+    if trajectory.schedule == "one_shot":
+        return sorted(trajectory.removed)
+    first = trajectory.rounds[0]
+    candidates = frozenset(k for k, o in enumerate(first.scored_layers) if o not in plan.protected)
+    return one_shot_choice(plan, first.scores, candidates)
+
+
 def _one_shot(streams: ResidualStreams, plan: Plan, original: list[int], trajectory: Trajectory) -> None:
     """All layers chosen from the dense model's scores; one alpha per contiguous run, measured on
-    the dense model (the paper's one-shot rows and the LLM-Streamline block)."""
+    the dense model (the paper's one-shot rows and the LLM-Streamline block). The streams are
+    captured again once at the end, for the calibration loss."""
     start = streams.layer_forwards
     candidates = _candidates(plan, original)
     scores = plan.metric.score(MetricContext(streams, candidates))
-    if plan.drop_layers is not None:
-        chosen = sorted(plan.drop_layers)
-    elif plan.metric.block:
+    if plan.metric.block and plan.drop_layers is None:
         blocks = contiguous_cosine_blocks(streams, plan.num_drop)
         allowed = [i for i in range(len(blocks)) if all(k in candidates for k in range(i, i + plan.num_drop))]
         first = min(allowed, key=lambda i: blocks[i])
         chosen = list(range(first, first + plan.num_drop))
     else:
-        chosen = sorted(sorted(candidates, key=lambda k: scores[k])[: plan.num_drop])
+        chosen = one_shot_choice(plan, scores, candidates)
     runs = _contiguous_runs(chosen)
-    alphas = [_alpha(streams, plan, run[0], len(run)) for run in runs]
+    steps = [Step(run, _alpha(streams, plan, run[0], len(run))) for run in runs]
     scored = list(original)
-    # Delete from the back so earlier indices stay valid; each fold uses the gap's current index.
-    for number, (run, alpha) in enumerate(reversed(list(zip(runs, alphas, strict=True)))):
-        removed = original[run[0] : run[-1] + 1]
-        _remove(streams, plan, original, run[0], len(run), alpha)
+    apply_steps(streams.model, streams.adapter, steps, plan.fold_form)
+    original[:] = [o for o in original if o not in chosen]
+    streams.capture()
+    for number, step in enumerate(steps):
+        first_round = number == 0
         trajectory.rounds.append(
             Round(
                 number + 1,
-                Step(removed, alpha),
-                None,
-                None,
+                step,
+                scored if first_round else None,
+                scores if first_round else None,
                 math.nan,
                 0,
                 len(scored) * len(streams.batches),
             )
         )
-    trajectory.rounds.reverse()
-    for number, entry in enumerate(trajectory.rounds):
-        entry.round = number + 1
-    trajectory.rounds[0].scored_layers, trajectory.rounds[0].scores = scored, scores
     trajectory.rounds[-1].calibration_loss = streams.lm_loss()
     trajectory.rounds[-1].layer_forwards = streams.layer_forwards - start
 
@@ -260,10 +274,8 @@ def _contiguous_runs(indices: list[int]) -> list[list[int]]:
     return runs
 
 
-def replay(model: nn.Module, adapter: Adapter, steps: list[Step], fold_form: FoldForm | None, untie: bool) -> None:
-    """Apply recorded steps to a dense model: rebuilds the checkpoint after any prefix of a run."""
-    if untie:
-        adapter.untie_embeddings(model)
+def apply_steps(model: nn.Module, adapter: Adapter, steps: list[Step], fold_form: FoldForm | None) -> None:
+    """Delete each step's original layers and fold its alpha at the gap, in order."""
     original = list(range(len(adapter.layers(model))))
     for step in steps:
         index = original.index(step.removed[0])
@@ -271,3 +283,10 @@ def replay(model: nn.Module, adapter: Adapter, steps: list[Step], fold_form: Fol
         del original[index : index + len(step.removed)]
         if fold_form is not None:
             fold(adapter, model, index, step.alpha, fold_form)
+
+
+def replay(model: nn.Module, adapter: Adapter, steps: list[Step], fold_form: FoldForm | None, untie: bool) -> None:
+    """Apply recorded steps to a dense model: rebuilds the checkpoint after any prefix of a run."""
+    if untie:
+        adapter.untie_embeddings(model)
+    apply_steps(model, adapter, steps, fold_form)

@@ -19,7 +19,7 @@ from pydantic import ValidationError
 from prunecomp_export import calibration, corpus
 from prunecomp_export.adapters import adapter_for
 from prunecomp_export.checkpoint import save_checkpoint, sha256_tree, staged_directory, verify_reload
-from prunecomp_export.engine import Plan, Trajectory, make_plan, prune
+from prunecomp_export.engine import Plan, Step, Trajectory, apply_steps, baseline_layers, make_plan, prune
 from prunecomp_export.errors import RecipeError
 from prunecomp_export.loading import load_config, load_model, resolve_source, source_identity
 from prunecomp_export.perplexity import PROTOCOL, perplexity
@@ -61,6 +61,10 @@ def _prepare(recipe: Recipe, targets: list[str]):
     adapter = adapter_for(config)
     tied = bool(getattr(config, "tie_word_embeddings", False))
     plan = make_plan(recipe.prune, config.num_hidden_layers, tied)
+    calibration.check_calibration_source(recipe.calibration)
+    if recipe.evaluation.perplexity is not None:
+        for index, name in enumerate(recipe.evaluation.perplexity.corpora):
+            corpus.check_corpus(name, key=f"evaluation.perplexity.corpora.{index}")
     options = {}
     for name in targets:
         module = load_target(name)
@@ -99,18 +103,21 @@ def run(recipe: Recipe, targets: list[str], reporter: Reporter | None = None) ->
     ppl: dict[str, dict[str, float]] = {name: {} for name in eval_sets}
     _evaluate(model, eval_sets, ppl, "dense", recipe, reporter)
 
-    baseline_removed = None
-    if recipe.evaluation.baseline and eval_sets:
-        baseline_plan = Plan(plan.metric, plan.num_layers, plan.num_drop, plan.protected, plan.drop_layers, None, False)
-        log(f"baseline: {plan.metric.name} one-shot, no compensation")
-        baseline = copy.deepcopy(model)
-        baseline_removed = prune(baseline, adapter, batches, baseline_plan, "one_shot", reporter).removed
-        _evaluate(baseline, eval_sets, ppl, "baseline", recipe, reporter)
-        del baseline
-
     log(f"pruning {plan.num_drop} of {plan.num_layers} layers ({recipe.prune.schedule}, {plan.metric.name})")
+    dense = model
+    model = copy.deepcopy(dense) if recipe.evaluation.baseline and eval_sets else dense
     trajectory = prune(model, adapter, batches, plan, recipe.prune.schedule, reporter)
     _evaluate(model, eval_sets, ppl, "prunecomp", recipe, reporter)
+
+    baseline_removed = None
+    if model is not dense:
+        # The paper's baseline: the same metric, one shot, no compensation. Its choice comes from
+        # the first round's scores, which were computed on the dense model.
+        baseline_removed = baseline_layers(plan, trajectory)
+        log(f"baseline: {plan.metric.name} one-shot without compensation removes {baseline_removed}")
+        apply_steps(dense, adapter, [Step([i], 1.0) for i in baseline_removed], None)
+        _evaluate(dense, eval_sets, ppl, "baseline", recipe, reporter)
+    del dense
 
     with staged_directory(output, overwrite=recipe.output.overwrite) as stage:
         checkpoint = stage / "checkpoint"

@@ -168,3 +168,15 @@ def test_iterative_compensation_lowers_calibration_loss_against_plain_removal(ba
     t2 = prune(plain, adapter, batches, plan_for(dense, drop_layers=[2, 3], compensation="none"), "iterative")
     assert all(r.step.alpha == 1.0 for r in t2.rounds)
     assert t1.rounds[-1].calibration_loss != t2.rounds[-1].calibration_loss
+
+
+def test_baseline_choice_from_first_round_equals_a_real_one_shot_run(batches):
+    from prunecomp_export.engine import baseline_layers
+
+    dense = make_model("llama", seed=7)
+    plan = plan_for(dense, num_drop=3, protected_layers=[0])
+    adapter = adapter_for(dense.config)
+    iterative = prune(copy.deepcopy(dense), adapter, batches, plan, "iterative")
+    one_shot = prune(copy.deepcopy(dense), adapter, batches, plan, "one_shot")
+    assert baseline_layers(plan, iterative) == sorted(one_shot.removed)
+    assert baseline_layers(plan, one_shot) == sorted(one_shot.removed)
