@@ -1,4 +1,7 @@
-"""``prunecomp-export RECIPE.yaml``: a thin command line over ``pipeline.run``."""
+"""``prunecomp-export RECIPE.yaml``: a thin command line over ``pipeline.run``.
+
+Exit codes: 0 done (and every sign-off threshold passed), 1 a sign-off threshold or a parity
+check failed, 2 bad input (recipe, model, missing runtime)."""
 
 from __future__ import annotations
 
@@ -46,6 +49,8 @@ def main(recipe: str, targets: tuple[str, ...], output: str | None, overrides: t
             return
         result = pipeline.run(loaded, names, RichReporter())
         summary.print_run(result, console)
+        if not result.signoff_passed:
+            sys.exit(1)
     except UnknownName as exc:
         _fail(f"--target: {exc}", 2)
     except PrunecompError as exc:

@@ -209,22 +209,34 @@ def _remove(streams: ResidualStreams, plan: Plan, original: list[int], index: in
     streams.after_removal(index, count, scale_before=scale)
 
 
-def one_shot_choice(plan: Plan, scores: list[float], candidates: frozenset[int]) -> list[int]:
-    """The layers a one-shot run removes, from scores on the dense model: the given drop_layers,
-    or the ``num_drop`` lowest-scoring candidates."""
+def one_shot_choice(plan: Plan, scores: list[float], candidates: frozenset[int], count: int | None = None) -> list[int]:
+    """The ``count`` layers (default: the plan's) a one-shot run removes, from scores on the dense
+    model: the first of the given drop_layers, or the lowest-scoring candidates."""
+    count = plan.num_drop if count is None else count
     if plan.drop_layers is not None:
-        return sorted(plan.drop_layers)
-    return sorted(sorted(candidates, key=lambda k: scores[k])[: plan.num_drop])
+        return sorted(plan.drop_layers[:count])
+    return sorted(sorted(candidates, key=lambda k: scores[k])[:count])
 
 
-def baseline_layers(plan: Plan, trajectory: Trajectory) -> list[int]:
-    """What the same metric removes in one shot: the first round's scores were taken on the
-    dense model, so the one-shot choice needs no extra forward pass."""
+def baseline_layers(plan: Plan, trajectory: Trajectory, count: int | None = None) -> list[int]:
+    """What the same metric removes in one shot (``count`` layers, default all): the first round's
+    scores were taken on the dense model, so the one-shot choice needs no extra forward pass."""
     if trajectory.schedule == "one_shot":
         return sorted(trajectory.removed)
     first = trajectory.rounds[0]
     candidates = frozenset(k for k, o in enumerate(first.scored_layers) if o not in plan.protected)
-    return one_shot_choice(plan, first.scores, candidates)
+    return one_shot_choice(plan, first.scores, candidates, count)
+
+
+def steps_for(trajectory: Trajectory, layers_removed: int) -> list[Step] | None:
+    """The prefix of the run's steps that removes exactly ``layers_removed`` layers, if there is one."""
+    steps, removed = [], 0
+    for step in trajectory.steps:
+        if removed == layers_removed:
+            break
+        steps.append(step)
+        removed += len(step.removed)
+    return steps if removed == layers_removed else None
 
 
 def _one_shot(streams: ResidualStreams, plan: Plan, original: list[int], trajectory: Trajectory) -> None:

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import platform
 import time
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 
@@ -19,12 +21,24 @@ from pydantic import ValidationError
 from prunecomp_export import calibration, corpus
 from prunecomp_export.adapters import adapter_for
 from prunecomp_export.checkpoint import save_checkpoint, sha256_tree, staged_directory, verify_reload
-from prunecomp_export.engine import Plan, Step, Trajectory, apply_steps, baseline_layers, make_plan, prune
+from prunecomp_export.engine import (
+    Plan,
+    Step,
+    Trajectory,
+    apply_steps,
+    baseline_layers,
+    make_plan,
+    prune,
+    replay,
+    steps_for,
+)
 from prunecomp_export.errors import RecipeError
+from prunecomp_export.evaluation import DenseCache, Evaluator, Measurement
 from prunecomp_export.loading import load_config, load_model, resolve_source, source_identity
-from prunecomp_export.perplexity import PROTOCOL, perplexity
 from prunecomp_export.progress import Reporter
 from prunecomp_export.recipe import Recipe, dump_recipe
+from prunecomp_export.report import SCHEMA, write_reports
+from prunecomp_export.signoff import accuracy_kept, evaluate_signoff, perplexity_ratios
 from prunecomp_export.targets import load_target
 
 MANIFEST = "prunecomp_manifest.json"
@@ -38,11 +52,17 @@ class RunResult:
     layers_before: int
     layers_after: int
     trajectory: Trajectory
-    #: perplexity[corpus][variant] with variants dense / baseline / prunecomp
-    perplexity: dict[str, dict[str, float]] = field(default_factory=dict)
-    baseline_removed: list[int] | None = None
+    results: dict = field(default_factory=dict)
     targets: dict[str, dict] = field(default_factory=dict)
     seconds: float = 0.0
+
+    @property
+    def measurements(self) -> list[Measurement]:
+        return [Measurement(**row) for row in self.results.get("measurements", [])]
+
+    @property
+    def signoff_passed(self) -> bool:
+        return bool(self.results.get("signoff", {}).get("passed", True))
 
 
 @dataclass
@@ -95,28 +115,21 @@ def run(recipe: Recipe, targets: list[str], reporter: Reporter | None = None) ->
     model, tokenizer = load_model(source, recipe.model)
     identity = source_identity(source)
 
-    log("building calibration windows")
+    log("building calibration and evaluation windows")
     windows = calibration.calibration_windows(recipe.calibration, tokenizer)
     batches = list(windows.split(recipe.calibration.batch_size))
-    eval_sets = _evaluation_windows(recipe, tokenizer)
-
-    ppl: dict[str, dict[str, float]] = {name: {} for name in eval_sets}
-    _evaluate(model, eval_sets, ppl, "dense", recipe, reporter)
+    evaluator = Evaluator(recipe.evaluation, tokenizer, reporter)
+    measurements = _dense_measurements(model, evaluator, identity, recipe, log)
 
     log(f"pruning {plan.num_drop} of {plan.num_layers} layers ({recipe.prune.schedule}, {plan.metric.name})")
+    points = _trajectory_points(recipe, plan)
+    keep_dense = evaluator.enabled and (recipe.evaluation.baseline or bool(points))
     dense = model
-    model = copy.deepcopy(dense) if recipe.evaluation.baseline and eval_sets else dense
+    model = copy.deepcopy(dense) if keep_dense else dense
     trajectory = prune(model, adapter, batches, plan, recipe.prune.schedule, reporter)
-    _evaluate(model, eval_sets, ppl, "prunecomp", recipe, reporter)
-
-    baseline_removed = None
-    if model is not dense:
-        # The paper's baseline: the same metric, one shot, no compensation. Its choice comes from
-        # the first round's scores, which were computed on the dense model.
-        baseline_removed = baseline_layers(plan, trajectory)
-        log(f"baseline: {plan.metric.name} one-shot without compensation removes {baseline_removed}")
-        apply_steps(dense, adapter, [Step([i], 1.0) for i in baseline_removed], None)
-        _evaluate(dense, eval_sets, ppl, "baseline", recipe, reporter)
+    measurements += evaluator.evaluate(model, "prunecomp", plan.num_drop)
+    if keep_dense:
+        measurements += _along_trajectory(dense, adapter, plan, trajectory, points, evaluator, recipe, log)
     del dense
 
     with staged_directory(output, overwrite=recipe.output.overwrite) as stage:
@@ -134,59 +147,128 @@ def run(recipe: Recipe, targets: list[str], reporter: Reporter | None = None) ->
             target_records[name] = load_target(name).build(checkpoint, out_dir, options)
         (stage / "recipe.resolved.yaml").write_text(dump_recipe(recipe))
         (stage / "trajectory.json").write_text(json.dumps(trajectory.to_json(), indent=2) + "\n")
-        result = RunResult(
-            output,
-            config.model_type,
-            plan.num_layers,
-            plan.num_layers - plan.num_drop,
-            trajectory,
-            ppl,
-            baseline_removed,
-            target_records,
-            time.perf_counter() - started,
-        )
+        results = _results(recipe, identity, config.model_type, plan, trajectory, evaluator, measurements)
+        write_reports(results, stage)
         manifest = {
             "schema": "prunecomp-manifest/1",
             "source_model": identity,
             "recipe": recipe.model_dump(mode="json"),
             "model_type": config.model_type,
             "layers_before": plan.num_layers,
-            "layers_after": result.layers_after,
+            "layers_after": plan.num_layers - plan.num_drop,
             "removed": [{"original_layers": r.step.removed, "alpha": r.step.alpha} for r in trajectory.rounds],
             "fold_form": trajectory.fold_form,
             "untied_embeddings": trajectory.untie,
-            "perplexity": {"protocol": PROTOCOL, "values": ppl, "baseline_removed": baseline_removed},
             "verification": verification,
             "targets": target_records,
-            "packages": _package_versions(),
-            "machine": {"python": platform.python_version(), "platform": platform.platform()},
+            "packages": results["packages"],
+            "machine": results["machine"],
             "files": sha256_tree(stage),
         }
         (stage / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-    return result
+    return RunResult(
+        output,
+        config.model_type,
+        plan.num_layers,
+        plan.num_layers - plan.num_drop,
+        trajectory,
+        results,
+        target_records,
+        time.perf_counter() - started,
+    )
 
 
-def _evaluation_windows(recipe: Recipe, tokenizer) -> dict:
-    spec = recipe.evaluation.perplexity
-    if spec is None:
-        return {}
-    sets = {}
-    for index, name in enumerate(spec.corpora):
-        tokens = calibration.tokenize_joined(
-            tokenizer, corpus.resolve_corpus(name, key=f"evaluation.perplexity.corpora.{index}")
-        )
-        try:
-            sets[name] = calibration.spaced_windows(tokens, spec.seq_len, spec.max_windows)
-        except ValueError as exc:
-            raise RecipeError(str(exc), key=f"evaluation.perplexity.corpora.{index}") from None
-    return sets
+def _dense_measurements(model, evaluator: Evaluator, identity: dict, recipe: Recipe, log) -> list[Measurement]:
+    if not evaluator.enabled:
+        return []
+    cache = DenseCache(
+        identity["sha256"], {**evaluator.protocol(), "dtype": recipe.model.dtype}, recipe.evaluation.cache_dense
+    )
+    cached = cache.load()
+    if cached is not None:
+        log(f"dense results reused from {cache.path}")
+        return cached
+    rows = evaluator.evaluate(model, "dense", 0)
+    cache.store(rows)
+    return rows
 
 
-def _evaluate(model, eval_sets: dict, ppl: dict, variant: str, recipe: Recipe, reporter: Reporter) -> None:
-    spec = recipe.evaluation.perplexity
-    for name, windows in eval_sets.items():
-        ppl[name][variant] = perplexity(model, windows, spec.batch_size if spec else 4, reporter)
-        reporter.log(f"{variant} perplexity on {name}: {ppl[name][variant]:.2f}")
+def _trajectory_points(recipe: Recipe, plan: Plan) -> list[int]:
+    """Numbers of removed layers, short of the final one, at which to evaluate again."""
+    wanted = recipe.evaluation.trajectory
+    points = range(1, plan.num_drop) if wanted == "all" else wanted
+    return sorted({k for k in points if k < plan.num_drop})
+
+
+def _along_trajectory(dense, adapter, plan: Plan, trajectory: Trajectory, points: list[int], evaluator, recipe, log):
+    """Checkpoints rebuilt from the one run at each requested point, and the baseline beside them."""
+    rows = []
+    for k in points:
+        steps = steps_for(trajectory, k)
+        if steps is None:
+            log(f"no checkpoint with {k} layers removed in a {trajectory.schedule} run; skipped")
+            continue
+        rebuilt = copy.deepcopy(dense)
+        replay(rebuilt, adapter, steps, trajectory.fold_form, trajectory.untie)
+        rows += evaluator.evaluate(rebuilt, "prunecomp", k)
+        del rebuilt
+    if recipe.evaluation.baseline:
+        # The paper's baseline: the same metric, one shot, no compensation.
+        for k in [*points, plan.num_drop]:
+            removed = baseline_layers(plan, trajectory, k)
+            baseline = copy.deepcopy(dense) if k != plan.num_drop else dense
+            log(f"baseline with {k} removed ({plan.metric.name} one-shot, no compensation): layers {removed}")
+            apply_steps(baseline, adapter, [Step([i], 1.0) for i in removed], None)
+            rows += [
+                Measurement(**{**m.to_json(), "details": {**m.details, "removed": removed}})
+                for m in evaluator.evaluate(baseline, "baseline", k)
+            ]
+    return rows
+
+
+def _results(recipe, identity, model_type, plan: Plan, trajectory: Trajectory, evaluator, rows) -> dict:
+    final = plan.num_drop
+    kept = accuracy_kept(rows, "prunecomp", final)
+    return {
+        "schema": SCHEMA,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "model": {
+            "source": identity["source"],
+            "sha256": identity["sha256"],
+            "model_type": model_type,
+            "layers_before": plan.num_layers,
+            "layers_after": plan.num_layers - final,
+            "layers_removed": final,
+        },
+        "recipe": recipe.model_dump(mode="json"),
+        "seeds": {"calibration": recipe.calibration.seed},
+        "trajectory": trajectory.to_json(),
+        "protocol": evaluator.protocol(),
+        "measurements": [row.to_json() for row in rows],
+        "summary": {
+            "perplexity_ratio": perplexity_ratios(rows, "prunecomp", final),
+            "baseline_perplexity_ratio": perplexity_ratios(rows, "baseline", final),
+            "accuracy_kept_percent": kept,
+            "baseline_accuracy_kept_percent": accuracy_kept(rows, "baseline", final),
+        },
+        "bench": None,
+        "signoff": evaluate_signoff(recipe.signoff, rows, final),
+        "packages": _package_versions(),
+        "machine": _machine(),
+    }
+
+
+def _machine() -> dict:
+    import torch
+
+    return {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
 
 
 def _package_versions() -> dict[str, str | None]:

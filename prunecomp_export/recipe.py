@@ -100,9 +100,41 @@ class PerplexitySpec(Strict):
     batch_size: int = Field(4, gt=0)
 
 
+class QASpec(Strict):
+    tasks: list[str] = Field(
+        default_factory=lambda: ["gensim_analogy", "gensim_sentiment"],
+        description="lm-eval task names; the gensim_* tasks are built offline, others need their datasets.",
+    )
+    limit: int | None = Field(None, gt=0, description="Questions per task (None: all).")
+    batch_size: int = Field(8, gt=0)
+
+
 class EvaluationSpec(Strict):
     perplexity: PerplexitySpec | None = Field(default_factory=PerplexitySpec)
+    qa: QASpec | None = None
     baseline: bool = Field(True, description="Also evaluate the same metric one-shot without compensation.")
+    trajectory: list[int] | Literal["all"] = Field(
+        default_factory=list,
+        description="Numbers of removed layers, besides the final one, at which to evaluate checkpoints "
+        "rebuilt from the same run ('all': every round).",
+    )
+    cache_dense: bool = Field(True, description="Reuse the dense model's results, keyed by model hash.")
+
+    @field_validator("trajectory")
+    @classmethod
+    def _positive_points(cls, value: list[int] | str) -> list[int] | str:
+        if isinstance(value, list) and any(point < 1 for point in value):
+            raise ValueError("trajectory points count removed layers and must be >= 1")
+        return value
+
+
+class SignoffSpec(Strict):
+    """Thresholds a pipeline gates on: exit 0 when all pass, 1 when one fails. A threshold whose
+    measurement is missing fails, since it cannot be signed off."""
+
+    min_accuracy_kept: float | None = Field(None, gt=0, description="Percent of the dense mean QA accuracy.")
+    max_perplexity_ratio: float | None = Field(None, gt=0, description="Pruned / dense, on every corpus.")
+    min_speedup: float | None = Field(None, gt=0, description="Dense / pruned latency, every benchmarked runtime.")
 
 
 class OutputSpec(Strict):
@@ -118,6 +150,7 @@ class Recipe(Strict):
     prune: PruneSpec
     evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
     output: OutputSpec = Field(default_factory=OutputSpec)
+    signoff: SignoffSpec = Field(default_factory=SignoffSpec)
     targets: dict[str, dict[str, Any]] = Field(
         default_factory=dict, description="Per-target options, validated by each target's Options model."
     )

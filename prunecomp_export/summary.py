@@ -8,6 +8,7 @@ from rich.console import Console
 from rich.table import Table
 
 from prunecomp_export.pipeline import DryRunResult, RunResult
+from prunecomp_export.report import summary_table
 
 
 def print_dry_run(result: DryRunResult, console: Console) -> None:
@@ -41,16 +42,19 @@ def print_run(result: RunResult, console: Console) -> None:
             f"{share:.2f}x" if r.layer_forwards else "",
         )
     console.print(rounds)
-    if result.perplexity:
-        ppl = Table(title=f"held-out token perplexity, {result.layers_before} -> {result.layers_after} layers")
-        ppl.add_column("corpus")
-        variants = [v for v in ("dense", "baseline", "prunecomp") if any(v in p for p in result.perplexity.values())]
-        labels = {"dense": "dense", "baseline": "one-shot, no comp.", "prunecomp": "Prune&Comp"}
-        for variant in variants:
-            ppl.add_column(labels[variant], justify="right")
-        for name, values in result.perplexity.items():
-            ppl.add_row(name, *(f"{values[v]:.2f}" if v in values else "" for v in variants))
-        console.print(ppl)
-        if result.baseline_removed is not None:
-            console.print(f"baseline removed layers {sorted(result.baseline_removed)}")
-    console.print(f"wrote {result.output} in {result.seconds:.0f} s")
+    header, rows = summary_table(result.results)
+    if rows:
+        table = Table(title=f"accuracy, {result.layers_before} -> {result.layers_after} layers")
+        for column in header:
+            table.add_column(column, justify="right")
+        for row in rows:
+            table.add_row(*row)
+        console.print(table)
+    signoff = result.results.get("signoff", {"checks": [], "passed": True})
+    for check in signoff["checks"]:
+        value = "missing" if check["value"] is None else f"{check['value']:.3f}"
+        verdict = "[green]PASS[/green]" if check["passed"] else "[red]FAIL[/red]"
+        console.print(f"sign-off {check['name']}: {value} (required {check['threshold']}) {verdict} {check['detail']}")
+    if signoff["checks"]:
+        console.print("sign-off: " + ("[green]PASS[/green]" if signoff["passed"] else "[red]FAIL[/red]"))
+    console.print(f"wrote {result.output} (report.html, results.json) in {result.seconds:.0f} s")
