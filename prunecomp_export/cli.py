@@ -27,8 +27,11 @@ from prunecomp_export.registry import UnknownName
 @click.option("--output", "-o", help="Output directory (overrides output.dir).")
 @click.option("--set", "overrides", multiple=True, metavar="KEY.PATH=VALUE", help="Override a recipe value.")
 @click.option("--dry-run", is_flag=True, help="Validate the recipe and the model config without loading weights.")
+@click.option("--bench", is_flag=True, help="Time dense and pruned models on each runtime (bench.json, report).")
 @click.version_option(package_name="prunecomp-export")
-def main(recipe: str, targets: tuple[str, ...], output: str | None, overrides: tuple[str, ...], dry_run: bool) -> None:
+def main(
+    recipe: str, targets: tuple[str, ...], output: str | None, overrides: tuple[str, ...], dry_run: bool, bench: bool
+) -> None:
     """Prune whole decoder layers with Prune&Comp and export the smaller model."""
     from rich.console import Console
 
@@ -47,7 +50,7 @@ def main(recipe: str, targets: tuple[str, ...], output: str | None, overrides: t
         if dry_run:
             summary.print_dry_run(pipeline.dry_run(loaded, names), console)
             return
-        result = pipeline.run(loaded, names, RichReporter())
+        result = pipeline.run(loaded, names, RichReporter(), bench=bench)
         summary.print_run(result, console)
         if not result.signoff_passed:
             sys.exit(1)

@@ -10,6 +10,7 @@ import copy
 import json
 import os
 import platform
+import shutil
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -20,6 +21,7 @@ from pydantic import ValidationError
 
 from prunecomp_export import calibration, corpus
 from prunecomp_export.adapters import adapter_for
+from prunecomp_export.bench import benchmark, runtimes_for, speedups_at
 from prunecomp_export.checkpoint import save_checkpoint, sha256_tree, staged_directory, verify_reload
 from prunecomp_export.engine import (
     Plan,
@@ -102,7 +104,7 @@ def dry_run(recipe: Recipe, targets: list[str]) -> DryRunResult:
     return DryRunResult(config.model_type, config.num_hidden_layers, tied, plan, targets)
 
 
-def run(recipe: Recipe, targets: list[str], reporter: Reporter | None = None) -> RunResult:
+def run(recipe: Recipe, targets: list[str], reporter: Reporter | None = None, bench: bool = False) -> RunResult:
     reporter = reporter or Reporter()
     log = reporter.log
     started = time.perf_counter()
@@ -123,14 +125,14 @@ def run(recipe: Recipe, targets: list[str], reporter: Reporter | None = None) ->
 
     log(f"pruning {plan.num_drop} of {plan.num_layers} layers ({recipe.prune.schedule}, {plan.metric.name})")
     points = _trajectory_points(recipe, plan)
-    keep_dense = evaluator.enabled and (recipe.evaluation.baseline or bool(points))
+    keep_dense = bench or (evaluator.enabled and (recipe.evaluation.baseline or bool(points)))
+    runtimes = runtimes_for(recipe.bench, targets) if bench else []
     dense = model
     model = copy.deepcopy(dense) if keep_dense else dense
     trajectory = prune(model, adapter, batches, plan, recipe.prune.schedule, reporter)
     measurements += evaluator.evaluate(model, "prunecomp", plan.num_drop)
-    if keep_dense:
+    if keep_dense and evaluator.enabled:
         measurements += _along_trajectory(dense, adapter, plan, trajectory, points, evaluator, recipe, log)
-    del dense
 
     with staged_directory(output, overwrite=recipe.output.overwrite) as stage:
         checkpoint = stage / "checkpoint"
@@ -145,9 +147,18 @@ def run(recipe: Recipe, targets: list[str], reporter: Reporter | None = None) ->
             out_dir = stage / "targets" / name
             out_dir.mkdir(parents=True)
             target_records[name] = load_target(name).build(checkpoint, out_dir, options)
+        bench_results = None
+        if bench:
+            bench_results = _bench(
+                recipe, runtimes, dense, tokenizer, adapter, plan, trajectory, checkpoint, stage, reporter
+            )
+            (stage / "bench.json").write_text(json.dumps(bench_results, indent=2) + "\n")
+        del dense
         (stage / "recipe.resolved.yaml").write_text(dump_recipe(recipe))
         (stage / "trajectory.json").write_text(json.dumps(trajectory.to_json(), indent=2) + "\n")
-        results = _results(recipe, identity, config.model_type, plan, trajectory, evaluator, measurements)
+        results = _results(
+            recipe, identity, config.model_type, plan, trajectory, evaluator, measurements, bench_results
+        )
         write_reports(results, stage)
         manifest = {
             "schema": "prunecomp-manifest/1",
@@ -226,7 +237,44 @@ def _along_trajectory(dense, adapter, plan: Plan, trajectory: Trajectory, points
     return rows
 
 
-def _results(recipe, identity, model_type, plan: Plan, trajectory: Trajectory, evaluator, rows) -> dict:
+def _bench(
+    recipe, runtimes, dense, tokenizer, adapter, plan: Plan, trajectory, checkpoint: Path, stage: Path, reporter
+):
+    """Save the dense model and each requested point of the trajectory as plain checkpoints (in a
+    scratch directory, removed afterwards) and time them all."""
+    wanted = recipe.bench.points
+    points = sorted({k for k in (range(1, plan.num_drop + 1) if wanted == "all" else wanted) if k <= plan.num_drop})
+    scratch = stage / ".bench-scratch"
+    checkpoints = {0: scratch / "dense", plan.num_drop: checkpoint}
+    save_checkpoint(dense, tokenizer, checkpoints[0])
+    for k in points:
+        steps = steps_for(trajectory, k)
+        if k == plan.num_drop or steps is None:
+            continue
+        rebuilt = copy.deepcopy(dense)
+        replay(rebuilt, adapter, steps, trajectory.fold_form, trajectory.untie)
+        checkpoints[k] = scratch / f"removed-{k}"
+        save_checkpoint(rebuilt, tokenizer, checkpoints[k])
+        del rebuilt
+
+    def onnx_export(directory: Path) -> Path:
+        from prunecomp_export.targets.onnx import ONNX_FILE, export_onnx
+
+        out = scratch / "onnx" / directory.name
+        export_onnx(directory, out)
+        return out / ONNX_FILE
+
+    try:
+        return benchmark(
+            recipe.bench, runtimes, checkpoints, plan.num_layers, dense.config.vocab_size, reporter, onnx_export
+        )
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _results(
+    recipe, identity, model_type, plan: Plan, trajectory: Trajectory, evaluator, rows, bench_results=None
+) -> dict:
     final = plan.num_drop
     kept = accuracy_kept(rows, "prunecomp", final)
     return {
@@ -251,8 +299,10 @@ def _results(recipe, identity, model_type, plan: Plan, trajectory: Trajectory, e
             "accuracy_kept_percent": kept,
             "baseline_accuracy_kept_percent": accuracy_kept(rows, "baseline", final),
         },
-        "bench": None,
-        "signoff": evaluate_signoff(recipe.signoff, rows, final),
+        "bench": bench_results,
+        "signoff": evaluate_signoff(
+            recipe.signoff, rows, final, speedups_at(bench_results, final) if bench_results else None
+        ),
         "packages": _package_versions(),
         "machine": _machine(),
     }

@@ -137,6 +137,41 @@ class SignoffSpec(Strict):
     min_speedup: float | None = Field(None, gt=0, description="Dense / pruned latency, every benchmarked runtime.")
 
 
+class Scenario(Strict):
+    """One timing scenario. prefill: a forward over batch x prompt_len tokens; decode: one new token
+    per sequence on top of past_len cached tokens; throughput: batch sequences generating new_tokens."""
+
+    name: str
+    kind: Literal["prefill", "decode", "throughput"]
+    batch: int = Field(1, gt=0)
+    prompt_len: int = Field(128, gt=0)
+    past_len: int = Field(128, gt=0)
+    new_tokens: int = Field(32, gt=1)
+
+
+def _default_scenarios() -> list[Scenario]:
+    return [
+        Scenario(name="prefill-1x128", kind="prefill", batch=1, prompt_len=128),
+        Scenario(name="decode-1@128", kind="decode", batch=1, past_len=128),
+        Scenario(name="throughput-4x64+32", kind="throughput", batch=4, prompt_len=64, new_tokens=32),
+    ]
+
+
+class BenchSpec(Strict):
+    runtimes: list[Literal["torch", "onnxruntime", "vllm"]] | None = Field(
+        None, description="Runtimes to time; default: torch plus those of the requested targets."
+    )
+    points: list[int] | Literal["all"] = Field(
+        "all", description="Numbers of removed layers to time (the dense model is always timed)."
+    )
+    scenarios: list[Scenario] = Field(default_factory=_default_scenarios, min_length=1)
+    warmup: int = Field(2, ge=1)
+    repeats: int = Field(5, ge=5, description="Measured repeats per scenario (median and spread reported).")
+    threads: int | None = Field(None, gt=0, description="Threads per runtime; default: all cores.")
+    timeout_s: float = Field(1800, gt=0, description="Per model-and-runtime process.")
+    busy_load_per_core: float = Field(0.5, ge=0, description="Warn when the load average per core exceeds this.")
+
+
 class OutputSpec(Strict):
     dir: str = "outputs/run"
     overwrite: bool = False
@@ -151,6 +186,7 @@ class Recipe(Strict):
     evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
     output: OutputSpec = Field(default_factory=OutputSpec)
     signoff: SignoffSpec = Field(default_factory=SignoffSpec)
+    bench: BenchSpec = Field(default_factory=BenchSpec)
     targets: dict[str, dict[str, Any]] = Field(
         default_factory=dict, description="Per-target options, validated by each target's Options model."
     )

@@ -1,0 +1,203 @@
+"""Measured latency of the dense and pruned models on each runtime, against an ideal cost model.
+
+Every model-and-runtime pair runs in a fresh process (``bench_worker``) with warm-up runs, at least
+five measured repeats and pinned threads; the load average is recorded around it. Speedup is the
+dense median over the pruned median, measured in the same run on the same machine.
+
+The ideal: only the decoder layers shrink. With ``s`` the share of a dense run spent inside the
+decoder layers (timed with hooks in PyTorch eager, per scenario), removing ``k`` of ``L`` layers
+ideally gives ``1 / (1 - s * k / L)``. measured / ideal tells "the runtime did not deliver" from
+"the model is head-heavy" (a large embedding/LM head keeps ``s`` small).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from prunecomp_export.errors import TargetUnavailable, ValidationFailed
+from prunecomp_export.progress import Reporter
+from prunecomp_export.recipe import BenchSpec
+
+#: which runtime a deployment target is timed on
+TARGET_RUNTIMES = {"onnx": "onnxruntime", "vllm": "vllm"}
+
+
+def stats(times_ms: list[float]) -> dict:
+    """Median and spread of repeated timings (quartiles with the inclusive method)."""
+    q1, _median, q3 = statistics.quantiles(times_ms, n=4, method="inclusive")
+    return {
+        "median_ms": statistics.median(times_ms),
+        "q1_ms": q1,
+        "q3_ms": q3,
+        "min_ms": min(times_ms),
+        "max_ms": max(times_ms),
+        "repeats": len(times_ms),
+    }
+
+
+def ideal_speedup(layer_share: float, layers_removed: int, num_layers: int) -> float:
+    """1 / (1 - s k / L): only the decoder layers' share of the dense time shrinks."""
+    return 1.0 / (1.0 - layer_share * layers_removed / num_layers)
+
+
+def runtimes_for(spec: BenchSpec, targets: list[str]) -> list[str]:
+    if spec.runtimes is not None:
+        return list(dict.fromkeys(spec.runtimes))
+    if "tensorrt" in targets:
+        raise TargetUnavailable("benchmarking TensorRT is not supported here: no TensorRT on this machine")
+    return ["torch", *(TARGET_RUNTIMES[t] for t in targets if t in TARGET_RUNTIMES)]
+
+
+def run_worker(job: dict, python: str, timeout_s: float, path_root: str | None = None) -> dict:
+    """One fresh process for one model on one runtime; its JSON result."""
+    with tempfile.TemporaryDirectory(prefix="prunecomp-bench-") as tmp:
+        job = {**job, "result_path": str(Path(tmp) / "result.json")}
+        job_path = Path(tmp) / "job.json"
+        job_path.write_text(json.dumps(job))
+        env = dict(os.environ)
+        threads = str(job["threads"])
+        env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads, HF_HUB_OFFLINE="1", VLLM_NO_USAGE_STATS="1")
+        if job["runtime"] == "vllm":
+            env.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{job['threads'] - 1}")
+            env.setdefault("VLLM_HOST_IP", "127.0.0.1")
+        prefix = "import sys; " + (f"sys.path.insert(0, {path_root!r}); " if path_root else "")
+        code = prefix + "from prunecomp_export.bench_worker import main; sys.exit(main(sys.argv[1]))"
+        try:
+            done = subprocess.run(
+                [python, "-c", code, str(job_path)],
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=timeout_s,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+        except subprocess.TimeoutExpired:
+            raise ValidationFailed(
+                f"bench: {job['runtime']} on {job['checkpoint']} took over {timeout_s:.0f} s"
+            ) from None
+        result_path = Path(job["result_path"])
+        if not result_path.is_file():
+            tail = "\n".join(done.stderr.strip().splitlines()[-3:])
+            raise ValidationFailed(f"bench: the {job['runtime']} worker exited with {done.returncode}: {tail}")
+        result = json.loads(result_path.read_text())
+    if "error" in result:
+        raise ValidationFailed(f"bench: {job['runtime']} failed on {job['checkpoint']}: {result['error']}")
+    return result
+
+
+def benchmark(
+    spec: BenchSpec,
+    runtimes: list[str],
+    checkpoints: dict[int, Path],
+    num_layers: int,
+    vocab_size: int,
+    reporter: Reporter,
+    onnx_export=None,
+) -> dict:
+    """Time every checkpoint (keyed by layers removed; 0 is dense) on every runtime.
+
+    ``onnx_export(checkpoint) -> Path`` exports a checkpoint for ONNX Runtime.
+    """
+    threads = spec.threads or os.cpu_count() or 1
+    max_len = max(max(s.prompt_len, s.past_len) + s.new_tokens + 1 for s in spec.scenarios)
+    raw: dict[str, dict[int, dict]] = {}
+    for runtime in runtimes:
+        python, path_root = sys.executable, None
+        if runtime == "vllm":
+            from prunecomp_export.targets import vllm as vllm_target
+
+            python = vllm_target.resolve_python()
+            vllm_target.require_vllm(python)
+            path_root = vllm_target._package_root_for_child()
+        raw[runtime] = {}
+        for k, checkpoint in reporter.track(sorted(checkpoints.items()), f"bench {runtime}"):
+            job = {
+                "runtime": runtime,
+                "checkpoint": str(checkpoint),
+                "scenarios": [s.model_dump() for s in spec.scenarios],
+                "warmup": spec.warmup,
+                "repeats": spec.repeats,
+                "threads": threads,
+                "vocab_size": vocab_size,
+                "max_model_len": max_len,
+            }
+            if runtime == "onnxruntime":
+                job["onnx_path"] = str(onnx_export(checkpoint))
+            started = time.perf_counter()
+            raw[runtime][k] = run_worker(job, python, spec.timeout_s, path_root)
+            reporter.log(f"bench {runtime}, {k} layers removed: {time.perf_counter() - started:.0f} s")
+    return summarise(spec, raw, num_layers, threads)
+
+
+def summarise(spec: BenchSpec, raw: dict[str, dict[int, dict]], num_layers: int, threads: int) -> dict:
+    """Rows of median/spread, speedup against the dense run, and the ideal from the cost model."""
+    shares = {
+        name: result["layer_share"]
+        for name, result in raw.get("torch", {}).get(0, {}).get("scenarios", {}).items()
+        if "layer_share" in result
+    }
+    rows, loads = [], []
+    for runtime, points in raw.items():
+        dense = points[0]["scenarios"]
+        for k, result in sorted(points.items()):
+            loads += [result["load_before"], result["load_after"]]
+            for scenario in spec.scenarios:
+                figures = stats(result["scenarios"][scenario.name]["times_ms"])
+                speedup = stats(dense[scenario.name]["times_ms"])["median_ms"] / figures["median_ms"]
+                share = shares.get(scenario.name)
+                ideal = ideal_speedup(share, k, num_layers) if share is not None else None
+                rows.append(
+                    {
+                        "runtime": runtime,
+                        "runtime_version": result.get("runtime_version"),
+                        "scenario": scenario.name,
+                        "layers_removed": k,
+                        **figures,
+                        "speedup": speedup,
+                        "ideal_speedup": ideal,
+                        "efficiency": speedup / ideal if ideal else None,
+                        "tokens_per_s": scenario.batch * scenario.new_tokens / (figures["median_ms"] / 1000)
+                        if scenario.kind == "throughput"
+                        else None,
+                    }
+                )
+    cores = os.cpu_count() or 1
+    busiest = max(loads) / cores if loads else 0.0
+    warnings = []
+    if busiest > spec.busy_load_per_core:
+        warnings.append(
+            f"the machine was busy while timing (load average up to {max(loads):.1f} on {cores} cores): "
+            "treat these figures with care"
+        )
+    return {
+        "protocol": {
+            "scenarios": [s.model_dump() for s in spec.scenarios],
+            "warmup": spec.warmup,
+            "repeats": spec.repeats,
+            "threads": threads,
+            "process": "one fresh process per model and runtime",
+            "speedup": "dense median / pruned median, same run",
+            "ideal": "1 / (1 - s*k/L), s = decoder-layer share of the dense PyTorch eager run per scenario",
+            "layer_share": shares,
+        },
+        "rows": rows,
+        "load_average": {"max": max(loads) if loads else None, "cores": cores},
+        "warnings": warnings,
+    }
+
+
+def speedups_at(bench: dict, layers_removed: int) -> dict[str, float]:
+    """The smallest speedup per runtime at ``layers_removed`` (for the sign-off threshold)."""
+    found: dict[str, float] = {}
+    for row in bench["rows"]:
+        if row["layers_removed"] == layers_removed:
+            found[row["runtime"]] = min(found.get(row["runtime"], float("inf")), row["speedup"])
+    return found

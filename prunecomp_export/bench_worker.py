@@ -1,0 +1,211 @@
+"""Times one model on one runtime, in a process of its own (``python -m prunecomp_export.bench_worker
+JOB.json``): a fresh process per model and runtime keeps caches, allocators and thread pools of one
+measurement out of the next. Writes ``{"scenarios": {name: {"times_ms": [...], ...}}}`` as JSON."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def _timed(fn: Callable[[], Any], warmup: int, repeats: int) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1000.0)
+    return times
+
+
+def _tokens(vocab: int, batch: int, length: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(3, vocab, size=(batch, length), dtype=np.int64)
+
+
+# --------------------------------------------------------------------------------------------- torch
+
+
+def run_torch(job: dict) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.set_num_threads(job["threads"])
+    model = AutoModelForCausalLM.from_pretrained(job["checkpoint"], dtype=torch.float32).eval()
+    vocab, layers = model.config.vocab_size, model.model.layers
+    layer_time = [0.0]
+
+    def pre(_m, _a):
+        layer_time.append(-time.perf_counter())
+
+    def post(_m, _a, _o):
+        layer_time[-1] += time.perf_counter()
+
+    results = {}
+    for scenario in job["scenarios"]:
+        kind, batch = scenario["kind"], scenario["batch"]
+        with torch.no_grad():
+            if kind == "prefill":
+                ids = torch.from_numpy(_tokens(vocab, batch, scenario["prompt_len"]))
+
+                def step(ids=ids):
+                    model(input_ids=ids, use_cache=False)
+
+            elif kind == "decode":
+                past_len = scenario["past_len"]
+                ids = torch.from_numpy(_tokens(vocab, batch, past_len + 1))
+                cache = model(input_ids=ids[:, :past_len], use_cache=True).past_key_values
+
+                def step(ids=ids, cache=cache, past_len=past_len):
+                    model(input_ids=ids[:, past_len:], past_key_values=cache, use_cache=True)
+                    cache.crop(past_len)  # back to the same past length for the next repeat
+
+            else:
+                ids = torch.from_numpy(_tokens(vocab, batch, scenario["prompt_len"]))
+                new = scenario["new_tokens"]
+
+                def step(ids=ids, new=new):
+                    model.generate(
+                        input_ids=ids,
+                        attention_mask=torch.ones_like(ids),
+                        max_new_tokens=new,
+                        min_new_tokens=new,
+                        do_sample=False,
+                        pad_token_id=0,
+                    )
+
+            times = _timed(step, job["warmup"], job["repeats"])
+            # The decoder layers' share of one run, for the cost model: hooks time each layer.
+            handles = [
+                h for layer in layers for h in (layer.register_forward_pre_hook(pre), layer.register_forward_hook(post))
+            ]
+            del layer_time[:]
+            start = time.perf_counter()
+            step()
+            total = time.perf_counter() - start
+            for handle in handles:
+                handle.remove()
+        results[scenario["name"]] = {"times_ms": times, "layer_share": sum(layer_time) / total}
+    return {"runtime_version": torch.__version__, "threads": torch.get_num_threads(), "scenarios": results}
+
+
+# --------------------------------------------------------------------------------------- onnxruntime
+
+
+def run_onnxruntime(job: dict) -> dict:
+    import onnxruntime as ort
+
+    from prunecomp_export.targets.onnx import OrtDecoder
+
+    options_threads = job["threads"]
+    decoder = OrtDecoder(Path(job["onnx_path"]), ["CPUExecutionProvider"])
+    # Rebuild the session with pinned intra-op threads (OrtDecoder takes the runtime's defaults).
+    session_options = ort.SessionOptions()
+    session_options.intra_op_num_threads = options_threads
+    session_options.inter_op_num_threads = 1
+    session_options.log_severity_level = 3
+    decoder.session = ort.InferenceSession(job["onnx_path"], session_options, providers=["CPUExecutionProvider"])
+    vocab = job["vocab_size"]
+    results = {}
+    for scenario in job["scenarios"]:
+        kind, batch = scenario["kind"], scenario["batch"]
+        if kind == "prefill":
+            ids = _tokens(vocab, batch, scenario["prompt_len"])
+            mask, pos = np.ones_like(ids), np.broadcast_to(np.arange(ids.shape[1]), ids.shape)
+
+            def step(ids=ids, mask=mask, pos=pos):
+                decoder(ids, mask, pos)
+
+        elif kind == "decode":
+            past_len = scenario["past_len"]
+            ids = _tokens(vocab, batch, past_len + 1)
+            _, past = decoder(
+                ids[:, :past_len], np.ones((batch, past_len)), np.broadcast_to(np.arange(past_len), (batch, past_len))
+            )
+            mask, pos = np.ones((batch, past_len + 1)), np.full((batch, 1), past_len)
+
+            def step(ids=ids, past=past, mask=mask, pos=pos, past_len=past_len):
+                decoder(ids[:, past_len:], mask, pos, past)
+
+        else:
+            ids = _tokens(vocab, batch, scenario["prompt_len"])
+            new = scenario["new_tokens"]
+
+            def step(ids=ids, new=new):
+                length = ids.shape[1]
+                logits, past = decoder(ids, np.ones_like(ids), np.broadcast_to(np.arange(length), ids.shape))
+                for t in range(new - 1):
+                    token = logits[:, -1].argmax(-1)[:, None]
+                    logits, past = decoder(
+                        token, np.ones((ids.shape[0], length + t + 1)), np.full((ids.shape[0], 1), length + t), past
+                    )
+
+        results[scenario["name"]] = {"times_ms": _timed(step, job["warmup"], job["repeats"])}
+    return {"runtime_version": ort.__version__, "threads": options_threads, "scenarios": results}
+
+
+# ---------------------------------------------------------------------------------------------- vllm
+
+
+def run_vllm(job: dict) -> dict:
+    """Timed through vLLM's own engine (``LLM.generate``), not HTTP. Prefill: one token generated;
+    decode: (time for 1+N tokens - time for 1) / N; throughput: the whole batched generation."""
+    from vllm import LLM, SamplingParams
+
+    llm = LLM(
+        model=job["checkpoint"],
+        dtype="float32",
+        enforce_eager=True,
+        max_model_len=job["max_model_len"],
+        kv_cache_memory_bytes=2 * 2**30,
+    )
+    vocab = job["vocab_size"]
+    results = {}
+
+    def generate(prompts: np.ndarray, tokens: int) -> None:
+        params = SamplingParams(temperature=0.0, max_tokens=tokens, min_tokens=tokens, ignore_eos=True)
+        llm.generate([{"prompt_token_ids": row.tolist()} for row in prompts], params, use_tqdm=False)
+
+    for scenario in job["scenarios"]:
+        kind, batch = scenario["kind"], scenario["batch"]
+        if kind == "prefill":
+            ids = _tokens(vocab, batch, scenario["prompt_len"])
+            times = _timed(lambda ids=ids: generate(ids, 1), job["warmup"], job["repeats"])
+        elif kind == "decode":
+            ids, extra = _tokens(vocab, batch, scenario["past_len"]), 16
+            one = _timed(lambda ids=ids: generate(ids, 1), job["warmup"], job["repeats"])
+            more = _timed(lambda ids=ids, extra=extra: generate(ids, 1 + extra), job["warmup"], job["repeats"])
+            times = [(b - a) / extra for a, b in zip(one, more, strict=True)]
+        else:
+            ids = _tokens(vocab, batch, scenario["prompt_len"])
+            times = _timed(lambda ids=ids, n=scenario["new_tokens"]: generate(ids, n), job["warmup"], job["repeats"])
+        results[scenario["name"]] = {"times_ms": times}
+    import vllm
+
+    return {"runtime_version": vllm.__version__, "threads": job["threads"], "scenarios": results}
+
+
+RUNTIMES = {"torch": run_torch, "onnxruntime": run_onnxruntime, "vllm": run_vllm}
+
+
+def main(job_path: str) -> int:
+    job = json.loads(Path(job_path).read_text())
+    result: dict[str, Any] = {"load_before": os.getloadavg()[0]}
+    try:
+        result.update(RUNTIMES[job["runtime"]](job))
+    except BaseException as exc:  # the parent turns this into a clear error
+        result["error"] = f"{type(exc).__name__}: {exc}"
+    result["load_after"] = os.getloadavg()[0]
+    Path(job["result_path"]).write_text(json.dumps(result))
+    return 0 if "error" not in result else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1]))

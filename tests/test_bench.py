@@ -1,0 +1,93 @@
+"""Latency statistics, the cost model and the worker process (never asserting a speed)."""
+
+from __future__ import annotations
+
+import math
+import sys
+
+import pytest
+
+from prunecomp_export.bench import ideal_speedup, run_worker, speedups_at, stats, summarise
+from prunecomp_export.recipe import BenchSpec, Scenario
+
+
+def test_stats_by_hand():
+    figures = stats([5.0, 1.0, 3.0, 2.0, 4.0])
+    assert figures["median_ms"] == 3.0
+    # inclusive quartiles of 1..5 are 2 and 4
+    assert (figures["q1_ms"], figures["q3_ms"], figures["min_ms"], figures["max_ms"]) == (2.0, 4.0, 1.0, 5.0)
+    assert figures["repeats"] == 5
+
+
+def test_ideal_speedup_by_hand():
+    # 80 % of the time in 30 layers; removing 6 leaves 0.2 + 0.8 * 24/30 = 0.84 of it
+    assert ideal_speedup(0.8, 6, 30) == pytest.approx(1 / 0.84)
+    assert ideal_speedup(0.8, 0, 30) == 1.0
+    assert ideal_speedup(1.0, 15, 30) == pytest.approx(2.0)
+
+
+def test_summarise_speedup_ideal_and_efficiency():
+    spec = BenchSpec(scenarios=[Scenario(name="p", kind="prefill")], repeats=5)
+    raw = {
+        "torch": {
+            0: {
+                "scenarios": {"p": {"times_ms": [10.0] * 5, "layer_share": 0.5}},
+                "load_before": 0.1,
+                "load_after": 0.2,
+            },
+            2: {"scenarios": {"p": {"times_ms": [8.0] * 5, "layer_share": 0.4}}, "load_before": 0.1, "load_after": 0.2},
+        }
+    }
+    bench = summarise(spec, raw, 4, threads=2)
+    pruned = next(r for r in bench["rows"] if r["layers_removed"] == 2)
+    assert pruned["speedup"] == pytest.approx(1.25)
+    assert pruned["ideal_speedup"] == pytest.approx(1 / (1 - 0.5 * 2 / 4))  # 1.333..
+    assert pruned["efficiency"] == pytest.approx(1.25 / (4 / 3))
+    assert bench["warnings"] == []
+    assert speedups_at(bench, 2) == {"torch": pytest.approx(1.25)}
+    busy = summarise(spec, {"torch": {k: {**v, "load_after": 50.0} for k, v in raw["torch"].items()}}, 4, 2)
+    assert busy["warnings"] and "busy" in busy["warnings"][0]
+
+
+def test_torch_worker_times_a_tiny_checkpoint_in_its_own_process(tmp_path):
+    from tests.conftest import make_model
+
+    make_model("llama").save_pretrained(tmp_path)
+    scenarios = [
+        Scenario(name="p", kind="prefill", batch=2, prompt_len=8),
+        Scenario(name="d", kind="decode", past_len=8),
+        Scenario(name="t", kind="throughput", batch=2, prompt_len=4, new_tokens=3),
+    ]
+    job = {
+        "runtime": "torch",
+        "checkpoint": str(tmp_path),
+        "scenarios": [s.model_dump() for s in scenarios],
+        "warmup": 1,
+        "repeats": 5,
+        "threads": 1,
+        "vocab_size": 128,
+        "max_model_len": 64,
+    }
+    result = run_worker(job, sys.executable, timeout_s=300)
+    assert result["threads"] == 1
+    for name in ("p", "d", "t"):
+        times = result["scenarios"][name]["times_ms"]
+        assert len(times) == 5 and all(math.isfinite(t) and t > 0 for t in times)
+        assert 0 < result["scenarios"][name]["layer_share"] <= 1
+
+
+def test_worker_errors_are_reported(tmp_path):
+    from prunecomp_export.errors import ValidationFailed
+
+    job = {
+        "runtime": "torch",
+        "checkpoint": str(tmp_path / "missing"),
+        "scenarios": [],
+        "warmup": 1,
+        "repeats": 5,
+        "threads": 1,
+        "vocab_size": 8,
+        "max_model_len": 8,
+    }
+    with pytest.raises(ValidationFailed, match="torch failed on"):
+        run_worker(job, sys.executable, timeout_s=120)
