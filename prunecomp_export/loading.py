@@ -100,9 +100,13 @@ def load_model(source: ResolvedSource, spec: ModelSpec):
     except (OSError, ValueError, KeyError) as exc:
         raise ModelError(f"cannot load the model from {source.description}: {_first_line(exc)}") from None
     model.eval()
-    # A GGUF load leaves its quantization note in the config; the weights are now plain tensors.
-    if hasattr(model.config, "quantization_config") and source.gguf_file:
-        del model.config.quantization_config
+    if source.gguf_file:
+        # GGUF weights are dequantized to plain tensors on load, but transformers keeps the GGUF
+        # "quantizer" and its config note, which would make the model refuse save_pretrained and
+        # the saved config claim a quantization it no longer has.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
     return model, tokenizer
 
 
