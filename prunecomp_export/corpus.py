@@ -84,6 +84,15 @@ def news_articles() -> list[str]:
     return [line.strip() for line in lines if line.strip()]
 
 
+#: Evaluation corpora of the paper, through ``datasets`` (they need network or a warm HF cache):
+#: name -> (dataset, config, split, text field, data_files).
+ONLINE: dict[str, tuple[str, str | None, str, str, str | None]] = {
+    "wikitext2": ("wikitext", "wikitext-2-raw-v1", "test", "text", None),
+    "ptb": ("ptb_text_only", "penn_treebank", "test", "sentence", None),
+    "c4": ("allenai/c4", None, "validation", "text", "en/c4-validation.00000-of-00008.json.gz"),
+}
+
+
 def builtin_corpus(name: str, *, key: str) -> list[str]:
     try:
         return BUILTIN.get(name)()
@@ -96,7 +105,9 @@ def text_files(files: list[str], *, key: str) -> list[str]:
     return [Path(name).expanduser().read_text(encoding="utf-8", errors="replace") for name in files]
 
 
-def dataset_texts(name: str, config: str | None, split: str, field: str, *, key: str) -> list[str]:
+def dataset_texts(
+    name: str, config: str | None, split: str, field: str, *, key: str, data_files: str | None = None
+) -> list[str]:
     """A ``datasets`` dataset saved with ``save_to_disk`` (a directory) or a hub id (needs network)."""
     import datasets
 
@@ -106,8 +117,9 @@ def dataset_texts(name: str, config: str | None, split: str, field: str, *, key:
             if isinstance(loaded, datasets.DatasetDict):
                 loaded = loaded[split]
         else:
-            loaded = datasets.load_dataset(name, config, split=split)
-    except (FileNotFoundError, ValueError, KeyError, ConnectionError) as exc:
+            files = {split: data_files} if data_files else None
+            loaded = datasets.load_dataset(name, config, split=split, data_files=files)
+    except Exception as exc:  # datasets raises many types (offline, missing, bad config): one line
         raise RecipeError(f"cannot load dataset {name!r}: {str(exc).splitlines()[0]}", key=key) from None
     if field not in loaded.column_names:
         raise RecipeError(
@@ -119,8 +131,9 @@ def dataset_texts(name: str, config: str | None, split: str, field: str, *, key:
 
 def check_corpus(name: str, *, key: str) -> None:
     """Fail early (e.g. under --dry-run) on a corpus that is neither builtin nor an existing file."""
-    if name not in BUILTIN and not Path(name).expanduser().is_file():
-        raise RecipeError(BUILTIN.unknown_message(name) + ", or a text file path", key=key)
+    if name not in BUILTIN and name not in ONLINE and not Path(name).expanduser().is_file():
+        choices = ", ".join([*BUILTIN.names(), *ONLINE])
+        raise RecipeError(f"unknown corpus {name!r}: use one of {choices}, or a text file path", key=key)
 
 
 def check_files(files: list[str], *, key: str) -> None:
@@ -134,4 +147,7 @@ def resolve_corpus(name: str, *, key: str) -> list[str]:
     check_corpus(name, key=key)
     if name in BUILTIN:
         return builtin_corpus(name, key=key)
+    if name in ONLINE:
+        dataset, config, split, field, files = ONLINE[name]
+        return dataset_texts(dataset, config, split, field, key=key, data_files=files)
     return text_files([name], key=key)
