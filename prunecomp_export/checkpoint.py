@@ -57,6 +57,12 @@ def compatible_config(config: dict) -> dict:
     config = dict(config)
     config.pop("quantization_config", None)
     rope = config.get("rope_parameters")
+    if isinstance(rope, dict) and isinstance(rope.get("full_attention"), dict):
+        # Gemma-3 keeps one rope setting per attention type; 4.x reads the global one at top level
+        # and the local base frequency as rope_local_base_freq.
+        if isinstance(rope.get("sliding_attention"), dict) and "rope_theta" in rope["sliding_attention"]:
+            config.setdefault("rope_local_base_freq", rope["sliding_attention"]["rope_theta"])
+        rope = rope["full_attention"]
     if isinstance(rope, dict) and "rope_theta" in rope:
         config.setdefault("rope_theta", rope["rope_theta"])
         if rope.get("rope_type", "default") != "default":
@@ -85,7 +91,9 @@ def verify_reload(model: nn.Module, directory: Path, sample: torch.Tensor, new_t
     from transformers import AutoModelForCausalLM
 
     dtype = next(model.parameters()).dtype
-    reloaded = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype).eval()
+    # The same attention kernel as in memory: some (Gemma-2's softcapping under sdpa) differ.
+    attention = getattr(model.config, "_attn_implementation", None)
+    reloaded = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, attn_implementation=attention).eval()
     expected = model(input_ids=sample, use_cache=False).logits.float()
     got = reloaded(input_ids=sample, use_cache=False).logits.float()
     max_diff = (expected - got).abs().max().item()

@@ -98,7 +98,7 @@ def test_unsupported_architecture_lists_supported_ones(tmp_path, tiny_dir):
     result = CliRunner().invoke(main, [str(path), "--dry-run"])
     assert result.exit_code == 2
     assert "unsupported architecture 'gpt2'" in result.output
-    assert "llama, mistral, qwen2, qwen3" in result.output
+    assert "gemma2, gemma3_text, llama, mistral, mixtral, phi3, qwen2, qwen2_moe, qwen3, qwen3_moe" in result.output
 
 
 def test_unknown_target_and_missing_file(tmp_path, tiny_dir):
@@ -129,6 +129,9 @@ def test_full_run_on_a_tiny_model_writes_a_complete_output(tmp_path, tiny_dir):
         "checkpoint",
         "prunecomp_manifest.json",
         "recipe.resolved.yaml",
+        "report.html",
+        "report.md",
+        "results.json",
         "trajectory.json",
     ]
     manifest = json.loads((out / "prunecomp_manifest.json").read_text())
@@ -136,7 +139,9 @@ def test_full_run_on_a_tiny_model_writes_a_complete_output(tmp_path, tiny_dir):
     assert len(manifest["removed"]) == 2 and all("alpha" in r for r in manifest["removed"])
     assert "checkpoint/model.safetensors" in manifest["files"]
     assert manifest["source_model"]["sha256"]
-    assert set(manifest["perplexity"]["values"][str(tmp_path / "corpus.txt")]) == {"dense", "baseline", "prunecomp"}
+    results = json.loads((out / "results.json").read_text())
+    corpus = str(tmp_path / "corpus.txt")
+    assert {m["variant"] for m in results["measurements"] if m["dataset"] == corpus} == {"dense", "baseline", "prunecomp"}
     # a second run refuses to overwrite, and leaves the first output as it was
     again = CliRunner().invoke(main, [str(path)])
     assert again.exit_code == 2 and "output.dir" in again.output

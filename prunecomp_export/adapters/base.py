@@ -24,8 +24,7 @@ class Adapter:
     """
 
     model_type: str
-    #: config attributes that hold one entry per layer besides lists of length num_hidden_layers
-    #: (which are always filtered): they are remapped by ``prune_config``.
+    #: submodules of a decoder layer whose outputs are added to the residual stream
     writer_paths: tuple[str, ...] = ("self_attn.o_proj", "mlp.down_proj")
     notes: str = ""
 

@@ -1,0 +1,135 @@
+"""Mixture-of-experts families: Mixtral (``mixtral``), Qwen3-MoE (``qwen3_moe``), Qwen2-MoE (``qwen2_moe``).
+
+Layout (transformers 5.19): Llama's (``model.model.layers``, ``embed_tokens``, final ``norm``, pre-norm
+RMSNorm blocks, attention writer ``self_attn.o_proj``); the MLP slot ``layer.mlp`` holds either
+- a sparse MoE block: a router ``gate`` (a linear of the normalised input, then softmax/top-k) and
+  ``experts``, whose weights transformers 5 stores fused as 3D parameters ``experts.gate_up_proj``
+  [num_experts, 2 * inter, hidden] and ``experts.down_proj`` [num_experts, hidden, inter]; the block's
+  output is sum over the chosen experts of routing_weight * expert(x). Qwen2-MoE adds a
+  ``shared_expert`` (an MLP with its own ``down_proj``) gated by sigmoid(``shared_expert_gate``(x));
+  Qwen3-MoE has no shared expert;
+- or, for Qwen-MoE layers listed in ``mlp_only_layers`` / off the ``decoder_sparse_step`` grid, a dense
+  MLP with ``down_proj``.
+On save, transformers 5 splits the fused tensors back into the per-expert checkpoint layout
+(``block_sparse_moe.experts.N.w2`` for Mixtral, ``mlp.experts.N.down_proj`` for Qwen), the layout that
+transformers 4.x and vLLM read. Older in-memory layouts are handled too: per-expert ``nn.ModuleList``
+experts with ``down_proj`` or Mixtral's ``w2``, and Mixtral's ``block_sparse_moe`` attribute (4.x).
+
+Residual writers: ``o_proj``, and in the MLP slot every expert's down projection (the whole fused 3D
+``experts.down_proj``, plus ``experts.down_proj_bias`` where a family has one), the shared expert's
+``down_proj``, or the dense MLP's ``down_proj``. The router, the shared-expert gate and the gate/up
+projections are readers and stay untouched.
+
+Why the fold is exact (up to the RMSNorm epsilon): the router and the experts all read
+``post_attention_layernorm``'s output, which ignores a uniform scale of the stream, so the same experts
+are chosen with the same routing weights; the block's output is linear in every expert's down
+projection (and the shared expert's, whose sigmoid gate also reads the normalised input), so scaling
+all of them by f scales the block's write by f. The rest is the Llama argument. Routing is a
+discontinuous top-k, so "exact" means: identical up to fp32 rounding of the normalised router input,
+which can only flip a near-tie between experts (never seen in the tests). Measured in
+tests/test_families.py against explicit scaling of the stream at the gap: logits agree to 9.4e-7 of
+their largest value with the tests' epsilon 1e-12 (fp32 rounding), to 6e-5 with epsilon 1e-6 on these
+random weights, whose stream is small (trained models' streams are far larger than epsilon).
+
+Per-layer config (Qwen-MoE): whether layer i is sparse is
+``i not in mlp_only_layers and num_experts > 0 and (i + 1) % decoder_sparse_step == 0``.
+``mlp_only_layers`` holds layer INDICES, so it is remapped to the kept layers' new indices (not
+filtered by position), and ``decoder_sparse_step`` cannot describe a grid with holes in it: after
+pruning the kind of every kept layer is written explicitly, ``mlp_only_layers`` = the new indices of
+the kept dense layers and ``decoder_sparse_step`` = 1, which transformers 4.x and 5.x read the same
+way. Qwen2-MoE's ``layer_types`` is filtered and ``max_window_layers`` recounted as for Qwen2.
+Mixtral has no per-layer fields (``sliding_window`` applies to every layer).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from prunecomp_export.adapters.base import Adapter, scale_parameter_
+from prunecomp_export.adapters.llama import QwenAdapter
+
+
+def _projection_tensors(module: nn.Module | torch.Tensor) -> list[torch.Tensor]:
+    """A linear's weight and bias, or a bare (fused) parameter."""
+    if isinstance(module, torch.Tensor):
+        return [module]
+    tensors = [module.weight]
+    if getattr(module, "bias", None) is not None:
+        tensors.append(module.bias)
+    return tensors
+
+
+def _down_projection(mlp: nn.Module) -> list[torch.Tensor]:
+    for name in ("down_proj", "w2"):  # w2: Mixtral's per-expert MLP in transformers 4.x
+        if (projection := getattr(mlp, name, None)) is not None:
+            return _projection_tensors(projection)
+    raise ValueError(f"{type(mlp).__name__} has no down projection (down_proj or w2)")
+
+
+def mlp_output_tensors(mlp: nn.Module) -> list[torch.Tensor]:
+    """Every tensor through which an MLP slot (dense or MoE) writes to the residual stream."""
+    experts = getattr(mlp, "experts", None)
+    shared = getattr(mlp, "shared_expert", None)
+    if experts is None and shared is None:
+        return _down_projection(mlp)  # a dense MLP
+    tensors: list[torch.Tensor] = []
+    if isinstance(experts, nn.ModuleList):
+        for expert in experts:
+            tensors += _down_projection(expert)
+    elif experts is not None:
+        tensors += _down_projection(experts)  # fused [num_experts, hidden, inter] parameter
+        if getattr(experts, "down_proj_bias", None) is not None:
+            tensors.append(experts.down_proj_bias)
+    if shared is not None:
+        tensors += _down_projection(shared)
+    return tensors
+
+
+@dataclass(frozen=True)
+class MoeAdapter(Adapter):
+    """Writers: ``o_proj`` and every expert's (and shared expert's) down projection."""
+
+    writer_paths: tuple[str, ...] = ("self_attn.o_proj",)
+
+    def mlp(self, layer: nn.Module) -> nn.Module:
+        for name in ("mlp", "block_sparse_moe"):
+            if (module := getattr(layer, name, None)) is not None:
+                return module
+        raise ValueError(f"{type(layer).__name__} has no mlp or block_sparse_moe")
+
+    def residual_write_tensors(self, layer: nn.Module) -> list[torch.Tensor]:
+        tensors = [t for writer in self.residual_writers(layer) for t in _projection_tensors(writer)]
+        return tensors + mlp_output_tensors(self.mlp(layer))
+
+    def scale_residual_writes(self, layer: nn.Module, factor: float) -> None:
+        for tensor in self.residual_write_tensors(layer):
+            scale_parameter_(tensor, factor)
+
+
+def sparse_layers(config) -> list[bool]:
+    """Which layers hold a sparse MoE block, by transformers' Qwen-MoE rule."""
+    mlp_only = set(getattr(config, "mlp_only_layers", None) or [])
+    step = getattr(config, "decoder_sparse_step", 1) or 1
+    experts = getattr(config, "num_experts", 0) or 0
+    return [i not in mlp_only and experts > 0 and (i + 1) % step == 0 for i in range(config.num_hidden_layers)]
+
+
+@dataclass(frozen=True)
+class QwenMoeAdapter(MoeAdapter, QwenAdapter):
+    """Qwen-MoE: the kind of each kept layer (sparse or dense) is written explicitly."""
+
+    def prune_config(self, config, keep: list[int]) -> None:
+        sparse = sparse_layers(config)
+        super().prune_config(config, keep)
+        config.mlp_only_layers = [new for new, old in enumerate(keep) if not sparse[old]]
+        config.decoder_sparse_step = 1
+
+
+MOE_FAMILY: tuple[Adapter, ...] = (
+    MoeAdapter("mixtral", notes="every expert's down_proj (fused 3D in transformers 5) is a writer"),
+    QwenMoeAdapter("qwen2_moe", notes="experts' and shared expert's down_proj are writers"),
+    QwenMoeAdapter("qwen3_moe", notes="every expert's down_proj is a writer; dense layers' down_proj too"),
+)
