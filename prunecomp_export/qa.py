@@ -31,7 +31,8 @@ from prunecomp_export.errors import RecipeError
 from prunecomp_export.registry import Registry
 
 #: Bump when prompts, sampling or file layout change: it names the cache directory and the task version.
-TASKS_VERSION = "1"
+#: v2: the sentiment prompt became "Review: ... Sentiment:" (v1 used lm-eval's SST-2 question prompt).
+TASKS_VERSION = "2"
 DEFAULT_SEED = 1234
 #: Questions drawn from each of the 14 sections of questions-words.txt (14 x 20 = 280 questions).
 ANALOGY_PER_SECTION = 20
@@ -146,8 +147,11 @@ def build_sentiment_docs(seed: int = DEFAULT_SEED, data_dir: Path | None = None)
     a sentence of Pang & Lee's sentence-polarity data set (rotten tomatoes snippets, the source of
     SST-2) prefixed with a genuine human-derived label ``__label__neg`` / ``__label__pos``, 100 of each.
     ``alldata-id-10.txt`` looks similar but its ``_*N`` prefixes are document ids (doc2vec tags), not
-    labels. The prompt is lm-eval's own SST-2 prompt. Sentences are shuffled with the seed so that
-    ``limit`` keeps the two labels roughly balanced.
+    labels. The prompt is the "Review: ... Sentiment:" format common for SST-2 in in-context-learning work
+    (e.g. Zhao et al. 2021, "Calibrate Before Use"): on dense SmolLM2-135M it scored ~0.78 with balanced
+    predictions, where lm-eval's SST-2 question prompt scored 0.59 and "It was great/terrible" always
+    answered "great"; a prompt a small model can follow makes accuracy lost to pruning visible.
+    Sentences are shuffled with the seed so that ``limit`` keeps the two labels roughly balanced.
     """
     path = (data_dir or gensim_test_data()) / "pang_lee_polarity.cor"
     labels = {"__label__neg": 0, "__label__pos": 1}
@@ -164,7 +168,7 @@ def build_sentiment_docs(seed: int = DEFAULT_SEED, data_dir: Path | None = None)
             {
                 "id": f"pang_lee/{line_no}",
                 "sentence": sentence,
-                "question": f"{sentence}\nQuestion: Is this sentence positive or negative?\nAnswer:",
+                "question": f"Review: {sentence}\nSentiment:",
                 "choices": list(SENTIMENT_CHOICES),
                 "label": labels[tag],
             }
@@ -205,9 +209,10 @@ OFFLINE_TASKS.add(
 
 
 def default_task_dir(seed: int = DEFAULT_SEED) -> Path:
-    """``$XDG_CACHE_HOME/prunecomp_export/lm_eval_tasks/v<version>-seed<seed>`` (default ``~/.cache``)."""
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return cache / "prunecomp_export" / "lm_eval_tasks" / f"v{TASKS_VERSION}-seed{seed}"
+    """``<cache>/lm_eval_tasks/v<version>-seed<seed>``; the cache is ``$PRUNECOMP_CACHE`` or
+    ``~/.cache/prunecomp_export``, as for the dense-result cache."""
+    cache = Path(os.environ.get("PRUNECOMP_CACHE") or Path.home() / ".cache" / "prunecomp_export")
+    return cache / "lm_eval_tasks" / f"v{TASKS_VERSION}-seed{seed}"
 
 
 def _task_yaml(task: OfflineTask, data_file: Path, seed: int) -> str:
@@ -269,9 +274,16 @@ def materialize_offline_tasks(task_dir: Path | None = None, *, seed: int = DEFAU
 # ------------------------------------------------------------------------------------------- lm-eval
 
 
+def _require_lm_eval() -> None:
+    """Fail with an install hint, not an ImportError, when lm-eval (an optional dependency) is missing."""
+    if importlib.util.find_spec("lm_eval") is None:
+        raise RecipeError("QA evaluation needs lm-evaluation-harness: pip install 'lm-eval>=0.4.13'", key=DEFAULT_KEY)
+
+
 @functools.lru_cache(maxsize=4)
 def _task_manager(include_path: str | None, include_defaults: bool) -> Any:
     """A cached lm-eval TaskManager: indexing lm-eval's built-in tasks parses ~15k YAML files (~20 s)."""
+    _require_lm_eval()
     from lm_eval.tasks import TaskManager
 
     return TaskManager(include_path=include_path, include_defaults=include_defaults)
@@ -362,6 +374,7 @@ def evaluate_qa(
     Returns ``{task: TaskScore, ..., "protocol": {...}}``; the protocol records what makes two runs
     comparable (lm-eval version, shots, limit, batch size, dtype, offline data version and seed).
     """
+    _require_lm_eval()
     tasks = list(dict.fromkeys(tasks))
     external = validate_tasks(tasks)
     include_path = materialize_offline_tasks(task_dir, seed=seed)

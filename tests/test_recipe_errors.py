@@ -141,7 +141,8 @@ def test_full_run_on_a_tiny_model_writes_a_complete_output(tmp_path, tiny_dir):
     assert manifest["source_model"]["sha256"]
     results = json.loads((out / "results.json").read_text())
     corpus = str(tmp_path / "corpus.txt")
-    assert {m["variant"] for m in results["measurements"] if m["dataset"] == corpus} == {"dense", "baseline", "prunecomp"}
+    variants = {m["variant"] for m in results["measurements"] if m["dataset"] == corpus}
+    assert variants == {"dense", "baseline", "prunecomp"}
     # a second run refuses to overwrite, and leaves the first output as it was
     again = CliRunner().invoke(main, [str(path)])
     assert again.exit_code == 2 and "output.dir" in again.output
