@@ -27,10 +27,19 @@ from prunecomp_export.registry import UnknownName
 @click.option("--output", "-o", help="Output directory (overrides output.dir).")
 @click.option("--set", "overrides", multiple=True, metavar="KEY.PATH=VALUE", help="Override a recipe value.")
 @click.option("--dry-run", is_flag=True, help="Validate the recipe and the model config without loading weights.")
+@click.option(
+    "--serve", is_flag=True, help="After the run, serve the pruned model with vLLM's OpenAI server (Ctrl-C stops)."
+)
 @click.option("--bench", is_flag=True, help="Time dense and pruned models on each runtime (bench.json, report).")
 @click.version_option(package_name="prunecomp-export")
 def main(
-    recipe: str, targets: tuple[str, ...], output: str | None, overrides: tuple[str, ...], dry_run: bool, bench: bool
+    recipe: str,
+    targets: tuple[str, ...],
+    output: str | None,
+    overrides: tuple[str, ...],
+    dry_run: bool,
+    serve: bool,
+    bench: bool,
 ) -> None:
     """Prune whole decoder layers with Prune&Comp and export the smaller model."""
     from rich.console import Console
@@ -52,6 +61,13 @@ def main(
             return
         result = pipeline.run(loaded, names, RichReporter(), bench=bench)
         summary.print_run(result, console)
+        if serve:
+            from prunecomp_export.targets import vllm
+
+            options = vllm.Options.model_validate(loaded.targets.get("vllm", {}))
+            code = vllm.serve(result.output / "checkpoint", options)
+            if code not in (0, 130, -2):
+                _fail(f"the vLLM server exited with code {code}", 1)
         if not result.signoff_passed:
             sys.exit(1)
     except UnknownName as exc:
