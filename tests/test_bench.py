@@ -91,3 +91,33 @@ def test_worker_errors_are_reported(tmp_path):
     }
     with pytest.raises(ValidationFailed, match="torch failed on"):
         run_worker(job, sys.executable, timeout_s=120)
+
+
+def test_onnxruntime_worker_times_an_exported_tiny_checkpoint(tmp_path):
+    pytest.importorskip("onnxruntime")
+    from prunecomp_export.targets.onnx import ONNX_FILE, export_onnx
+    from tests.conftest import make_model
+
+    make_model("llama").save_pretrained(tmp_path / "ckpt")
+    export_onnx(tmp_path / "ckpt", tmp_path / "onnx")
+    scenarios = [
+        Scenario(name="p", kind="prefill", batch=2, prompt_len=8),
+        Scenario(name="d", kind="decode", past_len=8),
+        Scenario(name="t", kind="throughput", batch=2, prompt_len=4, new_tokens=3),
+    ]
+    job = {
+        "runtime": "onnxruntime",
+        "checkpoint": str(tmp_path / "ckpt"),
+        "onnx_path": str(tmp_path / "onnx" / ONNX_FILE),
+        "scenarios": [s.model_dump() for s in scenarios],
+        "warmup": 1,
+        "repeats": 5,
+        "threads": 1,
+        "vocab_size": 128,
+        "max_model_len": 64,
+    }
+    result = run_worker(job, sys.executable, timeout_s=300)
+    assert result["threads"] == 1
+    for name in ("p", "d", "t"):
+        times = result["scenarios"][name]["times_ms"]
+        assert len(times) == 5 and all(math.isfinite(t) and t > 0 for t in times)
