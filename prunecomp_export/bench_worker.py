@@ -65,7 +65,7 @@ def run_torch(job: dict) -> dict:
 
                 def step(ids=ids, cache=cache, past_len=past_len):
                     model(input_ids=ids[:, past_len:], past_key_values=cache, use_cache=True)
-                    cache.crop(past_len)  # back to the same past length for the next repeat
+                    cache.crop(-1)  # drop the new token: the same past length for the next repeat
 
             else:
                 ids = torch.from_numpy(_tokens(vocab, batch, scenario["prompt_len"]))
