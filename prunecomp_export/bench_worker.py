@@ -165,6 +165,8 @@ def run_vllm(job: dict) -> dict:
         enforce_eager=True,
         max_model_len=job["max_model_len"],
         kv_cache_memory_bytes=2 * 2**30,
+        # Every repeat sends the same prompt: with prefix caching on, repeats would skip the prefill.
+        enable_prefix_caching=False,
     )
     vocab = job["vocab_size"]
     results = {}

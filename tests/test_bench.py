@@ -49,46 +49,47 @@ def test_summarise_speedup_ideal_and_efficiency():
     assert busy["warnings"] and "busy" in busy["warnings"][0]
 
 
-def test_torch_worker_times_a_tiny_checkpoint_in_its_own_process(tmp_path):
-    from tests.conftest import make_model
-
-    make_model("llama").save_pretrained(tmp_path)
+def _tiny_job(runtime: str, checkpoint, **extra) -> dict:
+    """A worker job for a tiny checkpoint: one scenario of each kind, five repeats, one thread."""
     scenarios = [
         Scenario(name="p", kind="prefill", batch=2, prompt_len=8),
         Scenario(name="d", kind="decode", past_len=8),
         Scenario(name="t", kind="throughput", batch=2, prompt_len=4, new_tokens=3),
     ]
-    job = {
-        "runtime": "torch",
-        "checkpoint": str(tmp_path),
+    return {
+        "runtime": runtime,
+        "checkpoint": str(checkpoint),
         "scenarios": [s.model_dump() for s in scenarios],
         "warmup": 1,
         "repeats": 5,
         "threads": 1,
         "vocab_size": 128,
         "max_model_len": 64,
+        **extra,
     }
-    result = run_worker(job, sys.executable, timeout_s=300)
+
+
+def _assert_timed(result: dict) -> None:
     assert result["threads"] == 1
     for name in ("p", "d", "t"):
         times = result["scenarios"][name]["times_ms"]
         assert len(times) == 5 and all(math.isfinite(t) and t > 0 for t in times)
+
+
+def test_torch_worker_times_a_tiny_checkpoint_in_its_own_process(tmp_path):
+    from tests.conftest import make_model
+
+    make_model("llama").save_pretrained(tmp_path)
+    result = run_worker(_tiny_job("torch", tmp_path), sys.executable, timeout_s=300)
+    _assert_timed(result)
+    for name in ("p", "d", "t"):
         assert 0 < result["scenarios"][name]["layer_share"] <= 1
 
 
 def test_worker_errors_are_reported(tmp_path):
     from prunecomp_export.errors import ValidationFailed
 
-    job = {
-        "runtime": "torch",
-        "checkpoint": str(tmp_path / "missing"),
-        "scenarios": [],
-        "warmup": 1,
-        "repeats": 5,
-        "threads": 1,
-        "vocab_size": 8,
-        "max_model_len": 8,
-    }
+    job = {**_tiny_job("torch", tmp_path / "missing"), "scenarios": []}
     with pytest.raises(ValidationFailed, match="torch failed on"):
         run_worker(job, sys.executable, timeout_s=120)
 
@@ -100,24 +101,5 @@ def test_onnxruntime_worker_times_an_exported_tiny_checkpoint(tmp_path):
 
     make_model("llama").save_pretrained(tmp_path / "ckpt")
     export_onnx(tmp_path / "ckpt", tmp_path / "onnx")
-    scenarios = [
-        Scenario(name="p", kind="prefill", batch=2, prompt_len=8),
-        Scenario(name="d", kind="decode", past_len=8),
-        Scenario(name="t", kind="throughput", batch=2, prompt_len=4, new_tokens=3),
-    ]
-    job = {
-        "runtime": "onnxruntime",
-        "checkpoint": str(tmp_path / "ckpt"),
-        "onnx_path": str(tmp_path / "onnx" / ONNX_FILE),
-        "scenarios": [s.model_dump() for s in scenarios],
-        "warmup": 1,
-        "repeats": 5,
-        "threads": 1,
-        "vocab_size": 128,
-        "max_model_len": 64,
-    }
-    result = run_worker(job, sys.executable, timeout_s=300)
-    assert result["threads"] == 1
-    for name in ("p", "d", "t"):
-        times = result["scenarios"][name]["times_ms"]
-        assert len(times) == 5 and all(math.isfinite(t) and t > 0 for t in times)
+    job = _tiny_job("onnxruntime", tmp_path / "ckpt", onnx_path=str(tmp_path / "onnx" / ONNX_FILE))
+    _assert_timed(run_worker(job, sys.executable, timeout_s=300))
