@@ -51,21 +51,15 @@ TORCH_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 NUMPY_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 
 
-class Options(BaseModel):
-    """Recipe options of the ``onnx`` target."""
+class ParityOptions(BaseModel):
+    """Options of the parity check an exported decoder must pass against the checkpoint (the ``onnx``
+    and ``tensorrt`` targets run the same check)."""
 
     model_config = ConfigDict(extra="forbid")
 
-    dtype: Literal["fp32", "fp16"] = Field("fp32", description="Precision of the exported weights and I/O.")
-    opset: int = Field(
-        20, ge=18, le=23, description="ONNX opset of the exported graph (dynamo exporter: 18+)."
-    )
+    opset: int = Field(20, ge=18, le=23, description="ONNX opset of the exported graph (dynamo exporter: 18+).")
     tolerance: float | None = Field(
-        None, gt=0, description="Max abs logit difference vs the fp32 HF model; default per dtype."
-    )
-    provider: Literal["auto", "cpu", "cuda"] = Field(
-        "auto",
-        description="ONNX Runtime execution provider; auto = CUDA when available and a GPU is present.",
+        None, gt=0, description="Max abs logit difference vs the fp32 HF model; default per precision."
     )
     prompts: list[str] = Field(
         default_factory=lambda: [
@@ -77,15 +71,23 @@ class Options(BaseModel):
     )
     max_prompt_tokens: int = Field(64, ge=2, description="Validation prompts are cut to this many tokens.")
     decode_steps: int = Field(2, ge=1, description="Cached decode steps checked after the prefill.")
+
+
+class Options(ParityOptions):
+    """Recipe options of the ``onnx`` target."""
+
+    dtype: Literal["fp32", "fp16"] = Field("fp32", description="Precision of the exported weights and I/O.")
+    provider: Literal["auto", "cpu", "cuda"] = Field(
+        "auto",
+        description="ONNX Runtime execution provider; auto = CUDA when available and a GPU is present.",
+    )
     genai: bool = Field(True, description="Also build and check an onnxruntime-genai package in genai/.")
     genai_max_new_tokens: int = Field(16, ge=1, description="Greedy tokens compared between genai and HF.")
 
     @model_validator(mode="after")
     def _fp16_genai_needs_cuda(self) -> Options:
         if self.genai and self.dtype == "fp16" and self.provider == "cpu":
-            raise ValueError(
-                "onnxruntime-genai's model builder has no FP16 CPU model: use genai: false or fp32"
-            )
+            raise ValueError("onnxruntime-genai's model builder has no FP16 CPU model: use genai: false or fp32")
         return self
 
     def resolved_tolerance(self) -> float:
@@ -135,8 +137,7 @@ def resolve_providers(requested: str) -> list[str]:
     if requested == "cuda" and not (has_cuda_ep and gpu):
         why = "no NVIDIA GPU is visible" if not gpu else "this onnxruntime build has no CUDAExecutionProvider"
         raise TargetUnavailable(
-            f"onnx provider cuda: {why} (on a CUDA machine: pip uninstall onnxruntime && "
-            "pip install onnxruntime-gpu)"
+            f"onnx provider cuda: {why} (on a CUDA machine: pip uninstall onnxruntime && pip install onnxruntime-gpu)"
         )
     if has_cuda_ep and gpu:
         return ["CUDAExecutionProvider", "CPUExecutionProvider"]
@@ -375,9 +376,7 @@ def tokenize_prompts(checkpoint: Path, prompts: list[str], max_tokens: int) -> l
     try:
         tokenizer = AutoTokenizer.from_pretrained(checkpoint)
     except (OSError, ValueError) as exc:
-        raise ModelError(
-            f"the checkpoint {checkpoint} has no tokenizer for the validation prompts: {exc}"
-        ) from exc
+        raise ModelError(f"the checkpoint {checkpoint} has no tokenizer for the validation prompts: {exc}") from exc
     ids = [tokenizer(p)["input_ids"][:max_tokens] for p in prompts]
     if any(len(i) == 0 for i in ids):
         raise ModelError("a validation prompt tokenizes to no tokens")
@@ -448,9 +447,7 @@ def check_parity(
         next_token = reference[:, -1].argmax(-1)[:, None]
         sequence = np.concatenate([sequence, next_token], axis=1)
         total = sequence.shape[1]
-        step_logits, presents = run(
-            next_token, np.ones((1, total), np.int64), np.array([[total - 1]]), presents
-        )
+        step_logits, presents = run(next_token, np.ones((1, total), np.int64), np.array([[total - 1]]), presents)
         decode_logits.append(step_logits[:, -1])
     reference = hf_logits(model, sequence, np.ones_like(sequence), np.arange(sequence.shape[1])[None])
     record("decode", max_abs_diff(np.stack(decode_logits, 1), reference[:, length:]), decode_steps)
@@ -516,13 +513,9 @@ def validate_onnx(
     }
     if not result["passed"]:
         failed = ", ".join(
-            f"{name} max abs logit diff {c['max_abs_diff']:.3g}"
-            for name, c in checks.items()
-            if not c["passed"]
+            f"{name} max abs logit diff {c['max_abs_diff']:.3g}" for name, c in checks.items() if not c["passed"]
         )
-        raise ValidationFailed(
-            f"ONNX Runtime output differs from the checkpoint: {failed} > tolerance {tolerance:g}"
-        )
+        raise ValidationFailed(f"ONNX Runtime output differs from the checkpoint: {failed} > tolerance {tolerance:g}")
     return result
 
 
@@ -558,9 +551,7 @@ def _ort_distribution() -> str:
 # onnxruntime-genai package
 
 
-def build_genai(
-    checkpoint: Path, genai_dir: Path, *, precision: str, execution_provider: str
-) -> dict[str, Any]:
+def build_genai(checkpoint: Path, genai_dir: Path, *, precision: str, execution_provider: str) -> dict[str, Any]:
     """Build an onnxruntime-genai package with its model builder (run as a subprocess: it prints a lot
     and keeps module state)."""
     require_genai()
@@ -587,9 +578,7 @@ def build_genai(
             completed = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env, check=False)
         if completed.returncode != 0 or not (genai_dir / "genai_config.json").is_file():
             tail = log_path.read_text(errors="replace")[-2000:]
-            raise ModelError(
-                f"onnxruntime-genai's model builder failed (exit {completed.returncode}):\n{tail}"
-            )
+            raise ModelError(f"onnxruntime-genai's model builder failed (exit {completed.returncode}):\n{tail}")
     files = sorted(p.name for p in genai_dir.iterdir())
     return {
         "onnxruntime_genai": importlib.metadata.version(_genai_distribution()),
@@ -599,9 +588,7 @@ def build_genai(
     }
 
 
-def check_genai_greedy(
-    checkpoint: Path, genai_dir: Path, model, prompt: str, max_new_tokens: int
-) -> dict[str, Any]:
+def check_genai_greedy(checkpoint: Path, genai_dir: Path, model, prompt: str, max_new_tokens: int) -> dict[str, Any]:
     """Greedy tokens of the genai package vs transformers ``generate(do_sample=False)``.
 
     Both get the same prompt ids (the HF tokenizer's); the genai tokenizer is checked to produce the
@@ -732,9 +719,7 @@ def build(checkpoint: Path, out_dir: Path, options: Options) -> dict:
         package = build_genai(
             checkpoint, genai_dir, precision=options.dtype, execution_provider="cuda" if on_cuda else "cpu"
         )
-        greedy = check_genai_greedy(
-            checkpoint, genai_dir, reference, options.prompts[0], options.genai_max_new_tokens
-        )
+        greedy = check_genai_greedy(checkpoint, genai_dir, reference, options.prompts[0], options.genai_max_new_tokens)
         record["genai"] = {"dir": "genai", **package, "greedy": greedy}
         record["seconds"]["genai"] = package["seconds"] + greedy["seconds"]
         if not greedy["passed"]:

@@ -24,6 +24,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from prunecomp_export.errors import ModelError, TargetUnavailable, ValidationFailed
+from prunecomp_export.targets.onnx import ParityOptions
 
 ENGINE_FILE = "model.plan"
 INSTALL_HINT = "pip install tensorrt (and onnx, onnxscript), on a machine with an NVIDIA GPU and CUDA driver"
@@ -49,10 +50,8 @@ class Range(BaseModel):
         return self.min, self.opt, self.max
 
 
-class Options(BaseModel):
+class Options(ParityOptions):
     """Recipe options of the ``tensorrt`` target."""
-
-    model_config = ConfigDict(extra="forbid")
 
     precision: Literal["fp16", "bf16"] = Field("fp16", description="Precision of the exported graph/engine.")
     workspace_gb: float = Field(4.0, gt=0, description="Builder workspace memory pool limit, GiB.")
@@ -67,20 +66,6 @@ class Options(BaseModel):
         default_factory=lambda: Range(min=0, opt=512, max=2048),
         description="Cached tokens; min must be 0 so the engine can prefill.",
     )
-    tolerance: float | None = Field(
-        None, gt=0, description="Max abs logit difference vs the fp32 HF model; default per precision."
-    )
-    opset: int = Field(20, ge=18, le=23, description="ONNX opset of the intermediate export.")
-    prompts: list[str] = Field(
-        default_factory=lambda: [
-            "The capital of France is",
-            "Pruning whole decoder layers makes a language model smaller and faster, and",
-        ],
-        min_length=2,
-        description="Validation prompts; the first two form the left-padded batch.",
-    )
-    max_prompt_tokens: int = Field(64, ge=2, description="Validation prompts are cut to this many tokens.")
-    decode_steps: int = Field(2, ge=1, description="Cached decode steps checked after the prefill.")
 
     @model_validator(mode="after")
     def _profile_covers_validation(self) -> Options:
@@ -108,8 +93,7 @@ def require_tensorrt() -> Any:
 
     if not torch.cuda.is_available():
         raise TargetUnavailable(
-            "the tensorrt target needs an NVIDIA GPU, and torch built with CUDA sees none "
-            f"(torch {torch.__version__})"
+            f"the tensorrt target needs an NVIDIA GPU, and torch built with CUDA sees none (torch {torch.__version__})"
         )
     return trt
 
@@ -146,9 +130,7 @@ def profile_shapes(options: Options, kv_heads: int, head_dim: int, input_names: 
     return shapes
 
 
-def build_engine(
-    trt, onnx_path: Path, engine_path: Path, options: Options, kv_heads: int, head_dim: int
-) -> dict:
+def build_engine(trt, onnx_path: Path, engine_path: Path, options: Options, kv_heads: int, head_dim: int) -> dict:
     """Parse the ONNX file (its external data beside it) and build a strongly typed engine."""
     started = time.perf_counter()
     logger = trt.Logger(trt.Logger.WARNING)
@@ -233,9 +215,7 @@ class TrtDecoder:
             value = torch.as_tensor(feed[name]).to(device="cuda", dtype=self.dtypes[name]).contiguous()
             tensors[name] = value
             if not self.context.set_input_shape(name, tuple(value.shape)):
-                raise ValidationFailed(
-                    f"input {name} of shape {tuple(value.shape)} is outside the engine's profile"
-                )
+                raise ValidationFailed(f"input {name} of shape {tuple(value.shape)} is outside the engine's profile")
             self.context.set_tensor_address(name, self._address(value))
         for name in self.outputs:
             shape = tuple(self.context.get_tensor_shape(name))
@@ -269,9 +249,7 @@ def build(checkpoint: Path, out_dir: Path, options: Options) -> dict:
     )
     del source
     engine_path = out_dir / ENGINE_FILE
-    engine = build_engine(
-        trt, out_dir / "onnx" / onnx_target.ONNX_FILE, engine_path, options, kv_heads, head_dim
-    )
+    engine = build_engine(trt, out_dir / "onnx" / onnx_target.ONNX_FILE, engine_path, options, kv_heads, head_dim)
 
     started = time.perf_counter()
     reference = onnx_target.load_hf_model(checkpoint, "fp32", "cuda")
@@ -311,11 +289,7 @@ def build(checkpoint: Path, out_dir: Path, options: Options) -> dict:
     record["passed"] = all(c["passed"] for c in checks.values())
     if not record["passed"]:
         failed = ", ".join(
-            f"{name} max abs logit diff {c['max_abs_diff']:.3g}"
-            for name, c in checks.items()
-            if not c["passed"]
+            f"{name} max abs logit diff {c['max_abs_diff']:.3g}" for name, c in checks.items() if not c["passed"]
         )
-        raise ValidationFailed(
-            f"TensorRT engine output differs from the checkpoint: {failed} > {tolerance:g}"
-        )
+        raise ValidationFailed(f"TensorRT engine output differs from the checkpoint: {failed} > {tolerance:g}")
     return record
