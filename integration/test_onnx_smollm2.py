@@ -57,9 +57,7 @@ def test_record_passes_every_check(built, smollm2_pruned_dir):
     layers = json.loads((smollm2_pruned_dir / "config.json").read_text())["num_hidden_layers"]
     assert record["num_layers"] == layers
     assert (
-        json.loads((out_dir / "genai" / "genai_config.json").read_text())["model"]["decoder"][
-            "num_hidden_layers"
-        ]
+        json.loads((out_dir / "genai" / "genai_config.json").read_text())["model"]["decoder"]["num_hidden_layers"]
         == layers
     )
     json.dumps(record)
@@ -79,9 +77,7 @@ def test_prefill_and_cached_decode_match_transformers_cache(decoder, reference, 
         total = length + step + 1
         with torch.no_grad():
             out = reference(input_ids=token, past_key_values=cache, use_cache=True)
-        ort_logits, presents = decoder(
-            token.numpy(), np.ones((1, total), np.int64), np.array([[total - 1]]), presents
-        )
+        ort_logits, presents = decoder(token.numpy(), np.ones((1, total), np.int64), np.array([[total - 1]]), presents)
         np.testing.assert_allclose(ort_logits, out.logits.numpy(), atol=2e-3, rtol=0)
         assert presents[0].shape[2] == total
         cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)

@@ -41,9 +41,7 @@ def byte_tokenizer():
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     tokenizer.add_special_tokens(["<|endoftext|>"])
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, eos_token="<|endoftext|>", pad_token="<|endoftext|>"
-    )
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
 
 
 def make_checkpoint(directory: Path, *, arch: str = "llama", layers: int = 2, seed: int = 0) -> Path:
@@ -186,9 +184,7 @@ def test_corrupted_weights_fail_validation(built, checkpoint, reference, tmp_pat
     """Scaling the (tied) embedding / output projection by random factors must be caught."""
     out_dir, _ = built
     model = onnx.load(str(out_dir / "model.onnx"))
-    init = next(
-        i for i in model.graph.initializer if i.name.endswith(("lm_head.weight", "embed_tokens.weight"))
-    )
+    init = next(i for i in model.graph.initializer if i.name.endswith(("lm_head.weight", "embed_tokens.weight")))
     weight = numpy_helper.to_array(init)
     factors = np.random.default_rng(0).uniform(0.5, 1.5, weight.shape).astype(weight.dtype)
     init.CopyFrom(numpy_helper.from_array(weight * factors, init.name))
@@ -233,9 +229,7 @@ def test_genai_check_fails_for_a_corrupted_package(built, checkpoint, reference,
         if "layers.0.mlp.down_proj" in init.name and init.data_type == onnx.TensorProto.FLOAT:
             weight = numpy_helper.to_array(init)
             init.CopyFrom(
-                numpy_helper.from_array(
-                    weight + rng.normal(0, 1.0, weight.shape).astype(weight.dtype), init.name
-                )
+                numpy_helper.from_array(weight + rng.normal(0, 1.0, weight.shape).astype(weight.dtype), init.name)
             )
             break
     else:
@@ -258,9 +252,7 @@ def test_sliding_window_model_exports_with_its_window(tmp_path):
     checks = target.check_parity(run, windowed, PROMPTS, tolerance=1e-4, decode_steps=3, pad_id=EOS)
     assert all(c["passed"] for c in checks.values()), checks
 
-    full_config = Qwen2Config(
-        **{**windowed.config.to_dict(), "use_sliding_window": False, "layer_types": None}
-    )
+    full_config = Qwen2Config(**{**windowed.config.to_dict(), "use_sliding_window": False, "layer_types": None})
     unwindowed = AutoModelForCausalLM.from_config(full_config).eval()
     unwindowed.load_state_dict(windowed.state_dict())
     checks = target.check_parity(run, unwindowed, PROMPTS, tolerance=1e-4, pad_id=EOS)
