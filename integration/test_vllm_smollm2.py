@@ -1,7 +1,8 @@
 """vLLM on the pruned SmolLM2: offline greedy tokens and the OpenAI server's answers equal transformers'.
 
 Skipped (with the reason) only when the interpreter chosen for vLLM ($PRUNECOMP_VLLM_PYTHON, else
-this one) has no vllm. The server binds 127.0.0.1 and the tests talk to it only there.
+this one) has no vllm, and never in CI ($PRUNECOMP_REQUIRE_VLLM=1 turns that into an error).
+The server binds 127.0.0.1 and the tests talk to it only there.
 """
 
 from __future__ import annotations
@@ -14,15 +15,14 @@ from typing import Any
 
 import pytest
 
+from integration.conftest import vllm_version
 from prunecomp_export.targets import vllm as target
 
-PYTHON = target.resolve_python()
-VERSION = target.vllm_version(PYTHON)
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(
-        VERSION is None,
-        reason=f"vllm is not installed for {PYTHON} ({target.PYTHON_ENV}): {target.INSTALL_HINT}",
+        vllm_version() is None,
+        reason=f"vllm is not installed for {target.resolve_python()} ({target.PYTHON_ENV}): {target.INSTALL_HINT}",
     ),
 ]
 
