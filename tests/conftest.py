@@ -1,10 +1,23 @@
-"""Tiny random models built from configs, one per supported architecture (no downloads)."""
+"""Tiny random models built from configs, one per supported architecture (no downloads); the shared
+tests (fold, cached streams, checkpoint) run over all of them through the ``arch`` fixture."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+from transformers import (
+    AutoModelForCausalLM,
+    Gemma2Config,
+    Gemma3TextConfig,
+    LlamaConfig,
+    MistralConfig,
+    MixtralConfig,
+    Phi3Config,
+    Qwen2Config,
+    Qwen2MoeConfig,
+    Qwen3Config,
+    Qwen3MoeConfig,
+)
 
 COMMON = dict(
     hidden_size=64,
@@ -22,53 +35,92 @@ COMMON = dict(
 )
 
 
-def make_config(arch: str, tied: bool = False):
+LLAMA_FAMILY = ["llama", "mistral", "qwen2", "qwen3"]
+FAMILIES = ["phi3", "gemma2", "gemma3_text", "mixtral", "qwen2_moe", "qwen3_moe"]
+ARCHS = LLAMA_FAMILY + FAMILIES
+GEMMAS = {"gemma2", "gemma3_text"}
+MOES = {"mixtral", "qwen2_moe", "qwen3_moe"}
+#: the architectures whose shared tests also run with tied embeddings (Gemma ships tied)
+TIED = {"llama", *GEMMAS}
+
+
+def make_config(arch: str, tied: bool = False, eps: float = 1e-12):
+    common = {**COMMON, "rms_norm_eps": eps, "tie_word_embeddings": tied}
     if arch == "llama":
-        return LlamaConfig(**COMMON, tie_word_embeddings=tied)
+        return LlamaConfig(**common)
     if arch == "mistral":
-        return MistralConfig(**COMMON, tie_word_embeddings=tied, sliding_window=16)
+        return MistralConfig(**common, sliding_window=16)
     if arch == "qwen2":
         # q/k/v biases, and sliding-window attention on layers >= max_window_layers
-        return Qwen2Config(
-            **COMMON, tie_word_embeddings=tied, use_sliding_window=True, sliding_window=8, max_window_layers=3
-        )
+        return Qwen2Config(**common, use_sliding_window=True, sliding_window=8, max_window_layers=3)
     if arch == "qwen3":
-        return Qwen3Config(
-            **COMMON,
-            head_dim=16,
-            tie_word_embeddings=tied,
-            use_sliding_window=True,
-            sliding_window=8,
-            max_window_layers=4,
-        )
+        return Qwen3Config(**common, head_dim=16, use_sliding_window=True, sliding_window=8, max_window_layers=4)
+    if arch == "phi3":
+        return Phi3Config(**common, sliding_window=8)
+    if arch == "gemma2":
+        # strong softcaps so a wrong fold could not hide in the tanh's linear range
+        return Gemma2Config(
+            **common, head_dim=16, query_pre_attn_scalar=16, sliding_window=8,
+            final_logit_softcapping=2.0, attn_logit_softcapping=5.0,
+        )  # fmt: skip
+    if arch == "gemma3_text":
+        # every 3rd layer global: sliding, sliding, full, sliding, sliding, full
+        return Gemma3TextConfig(
+            **common, head_dim=16, query_pre_attn_scalar=16, sliding_window=8, sliding_window_pattern=3,
+            final_logit_softcapping=2.0,
+        )  # fmt: skip
+    moe = {"num_experts_per_tok": 2}
+    if arch == "mixtral":
+        return MixtralConfig(**common, **moe, num_local_experts=4, sliding_window=16)
+    if arch == "qwen3_moe":
+        # sparse on odd layers (decoder_sparse_step 2) except layer 5: dense 0 2 4 5, sparse 1 3
+        return Qwen3MoeConfig(
+            **common, **moe, head_dim=16, num_experts=4, moe_intermediate_size=32, decoder_sparse_step=2,
+            mlp_only_layers=[5], norm_topk_prob=True,
+        )  # fmt: skip
+    if arch == "qwen2_moe":
+        # a shared expert; dense layers 0 and 3; sliding attention on even layers below 4
+        return Qwen2MoeConfig(
+            **common, **moe, num_experts=4, moe_intermediate_size=32, shared_expert_intermediate_size=48,
+            mlp_only_layers=[0, 3], use_sliding_window=True, sliding_window=8, max_window_layers=4,
+        )  # fmt: skip
     raise ValueError(arch)
 
 
-def make_model(arch: str, tied: bool = False, seed: int = 0):
-    """A random model whose residual writes are large enough that pruning changes its output."""
+def make_model(arch: str, tied: bool = False, seed: int = 0, eps: float = 1e-12, attn: str | None = None):
+    """A random model whose residual writes are large enough that pruning changes its output.
+    Gemma-2 runs eager attention by default here: sdpa silently ignores its attention softcap."""
     torch.manual_seed(seed)
-    config = make_config(arch, tied)
-    config._attn_implementation = "sdpa"
+    config = make_config(arch, tied, eps)
+    config._attn_implementation = attn or ("eager" if arch == "gemma2" else "sdpa")
     model = AutoModelForCausalLM.from_config(config).eval()
     with torch.no_grad():
         for name, param in model.named_parameters():
             if name.endswith("bias"):
                 param.normal_(0, 0.1)
-            elif param.dim() == 2:
-                param.normal_(0, 0.08)
             elif "norm" in name:
-                param.uniform_(0.5, 1.5)
+                # Gemma stores the gain as 1 + w: gains 0.5..1.5 either way
+                param.uniform_(-0.5, 0.5) if arch in GEMMAS else param.uniform_(0.5, 1.5)
+            elif param.dim() >= 2:  # MoE experts are fused 3D tensors
+                param.normal_(0, 0.08)
         if tied:
             model.tie_weights()
     return model
 
 
-ARCHS = ["llama", "mistral", "qwen2", "qwen3"]
-
-
 @pytest.fixture(params=ARCHS)
 def arch(request) -> str:
     return request.param
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread():
+    """Tiny models run faster on one intra-op thread, and far faster when other jobs load the cores
+    (MoE expert kernels slowed 40x with two contended threads)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
 @pytest.fixture

@@ -4,6 +4,7 @@ cache, and keeps per-layer config fields of the kept layers."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -11,11 +12,12 @@ from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from prunecomp_export.adapters import adapter_for
+from prunecomp_export.adapters.moe import sparse_layers
 from prunecomp_export.checkpoint import save_checkpoint, staged_directory, verify_reload
 from prunecomp_export.engine import make_plan, prune
 from prunecomp_export.errors import ValidationFailed
 from prunecomp_export.recipe import PruneSpec
-from tests.conftest import make_model
+from tests.conftest import MOES, TIED, make_model
 
 
 def tiny_tokenizer() -> PreTrainedTokenizerFast:
@@ -27,29 +29,51 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="t0", eos_token="t2", pad_token="t0")
 
 
-def pruned(arch: str, batches, drop: list[int], tied: bool = False):
-    model = make_model(arch, tied=tied)
+def pruned(arch: str, batches, drop: list[int], tied: bool = False, **kwargs):
+    model = make_model(arch, tied=tied, **kwargs)
     adapter = adapter_for(model.config)
     plan = make_plan(PruneSpec(drop_layers=drop), 6, adapter.embeddings_tied(model))
     prune(model, adapter, batches, plan, "iterative")
     return model
 
 
+def mlp_kinds(model) -> list[str]:
+    return [type(layer.mlp).__name__ for layer in model.model.layers]
+
+
+def attention_windows(model) -> list:
+    return [getattr(layer.self_attn, "sliding_window", None) for layer in model.model.layers]
+
+
 def test_reloaded_checkpoint_reproduces_logits_and_generates_with_cache(arch, batches, tmp_path):
-    model = pruned(arch, batches, [1, 4], tied=arch == "llama")
+    # sdpa for Gemma-2 too, so the independent check below (transformers' default attention) compares alike
+    model = pruned(arch, batches, [1, 4], tied=arch in TIED, attn="sdpa")
     save_checkpoint(model, tiny_tokenizer(), tmp_path)
     result = verify_reload(model, tmp_path, batches[0])
     assert result["reloaded_layers"] == 4
     assert result["max_abs_logit_diff"] < 1e-5
     assert result["generate_cache_equals_no_cache"]
-    # independent of verify_reload: incremental decoding with the cache equals a full forward
+    with safe_open(tmp_path / "model.safetensors", "pt") as f:
+        keys = set(f.keys())
+    assert {int(k.split(".")[2]) for k in keys if k.startswith("model.layers.")} == {0, 1, 2, 3}
+    assert not list(tmp_path.glob("*.bin"))
+    if arch in MOES:  # transformers 5 splits the fused experts back into the per-expert layout on save
+        assert not [k for k in keys if k.endswith(("experts.down_proj", "experts.gate_up_proj"))]
+        assert any(re.search(r"experts\.3\.(w2|down_proj)\.weight$", k) for k in keys)
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
-    ids = batches[0][:1, :12]
+    assert mlp_kinds(reloaded) == mlp_kinds(model)
+    # independent of verify_reload: incremental decoding with the cache equals a full forward, over a
+    # sequence longer than the sliding windows (8), so sliding caches roll over
+    ids = batches[0][:1, :20]
     with torch.no_grad():
-        full = reloaded(input_ids=ids).logits[0, -1]
-        prefix = reloaded(input_ids=ids[:, :-1], use_cache=True)
-        step = reloaded(input_ids=ids[:, -1:], past_key_values=prefix.past_key_values, use_cache=True).logits[0, -1]
-    torch.testing.assert_close(step, full, rtol=1e-4, atol=1e-4)
+        full = reloaded(input_ids=ids).logits[0, -3:]
+        prefix = reloaded(input_ids=ids[:, :-3], use_cache=True)
+        cache, steps = prefix.past_key_values, []
+        for t in range(ids.shape[1] - 3, ids.shape[1]):
+            out = reloaded(input_ids=ids[:, t : t + 1], past_key_values=cache, use_cache=True)
+            cache = out.past_key_values
+            steps.append(out.logits[0, -1])
+    torch.testing.assert_close(torch.stack(steps), full, rtol=1e-4, atol=1e-4)
 
 
 def test_weight_keys_are_renumbered_and_attention_indices_follow(batches, tmp_path):
@@ -62,31 +86,28 @@ def test_weight_keys_are_renumbered_and_attention_indices_follow(batches, tmp_pa
     assert not list(tmp_path.glob("*.bin"))
 
 
-def test_per_layer_config_fields_keep_the_kept_layers(arch, batches, tmp_path):
+@pytest.mark.parametrize("drop", [[1, 4], [2, 5]])
+def test_per_layer_config_fields_keep_the_kept_layers(arch, drop, batches, tmp_path):
     model = make_model(arch)
-    original_types = list(getattr(model.config, "layer_types", None) or [])
-    windows = [
-        layer.self_attn.sliding_window if hasattr(layer.self_attn, "sliding_window") else None
-        for layer in model.model.layers
-    ]
-    adapter = adapter_for(model.config)
-    plan = make_plan(PruneSpec(drop_layers=[1, 4]), 6, False)
-    prune(model, adapter, batches, plan, "iterative")
-    kept = [0, 2, 3, 5]
+    kept = [i for i in range(6) if i not in drop]
+    types = list(getattr(model.config, "layer_types", None) or [])
+    windows, kinds = attention_windows(model), mlp_kinds(model)
+    prune(model, adapter_for(model.config), batches, make_plan(PruneSpec(drop_layers=drop), 6, False), "iterative")
     save_checkpoint(model, tiny_tokenizer(), tmp_path)
     config = AutoConfig.from_pretrained(tmp_path)
     assert config.num_hidden_layers == 4
-    if original_types:
-        assert list(config.layer_types) == [original_types[i] for i in kept]
+    if types:
+        assert list(config.layer_types) == [types[i] for i in kept]
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
-    got = [
-        layer.self_attn.sliding_window if hasattr(layer.self_attn, "sliding_window") else None
-        for layer in reloaded.model.layers
-    ]
-    assert got == [windows[i] for i in kept]
+    assert attention_windows(reloaded) == [windows[i] for i in kept]
+    assert mlp_kinds(reloaded) == [kinds[i] for i in kept]
+    if arch in {"qwen2_moe", "qwen3_moe"}:
+        assert sparse_layers(config) == [kinds[i].endswith("SparseMoeBlock") for i in kept]
+        assert config.decoder_sparse_step == 1
     raw = json.loads((tmp_path / "config.json").read_text())
     assert "quantization_config" not in raw
-    assert raw["rope_theta"] == raw["rope_parameters"]["rope_theta"]
+    if "rope_theta" in raw.get("rope_parameters", {}):  # transformers 4.x reads the top-level field
+        assert raw["rope_theta"] == raw["rope_parameters"]["rope_theta"]
 
 
 def test_qwen2_max_window_layers_counts_kept_full_attention_layers(batches):

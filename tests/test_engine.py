@@ -14,7 +14,7 @@ from prunecomp_export.errors import RecipeError
 from prunecomp_export.metrics import MetricContext, block_influence
 from prunecomp_export.recipe import PruneSpec
 from prunecomp_export.streams import ResidualStreams
-from tests.conftest import make_model
+from tests.conftest import TIED, make_model
 
 
 def plan_for(model, **spec):
@@ -147,7 +147,7 @@ def test_drop_layers_and_amount_errors():
 
 @pytest.mark.parametrize("schedule", ["iterative", "one_shot"])
 def test_replay_rebuilds_the_same_model(arch, batches, schedule):
-    dense = make_model(arch, tied=arch == "llama")
+    dense = make_model(arch, tied=arch in TIED)
     model = copy.deepcopy(dense)
     adapter = adapter_for(model.config)
     plan = plan_for(model, num_drop=3, tied_embedding="untie")
