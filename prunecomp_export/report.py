@@ -149,7 +149,7 @@ def plots(results: dict) -> dict[str, bytes]:
                         xs.append(k)
                         ys.append(ratio)
                 if xs:
-                    ax.plot(xs, ys, style, label=f"{LABELS[variant]} — {corpus_name}")
+                    ax.plot(xs, ys, style, label=f"{LABELS[variant]} — {Path(corpus_name).name}")
         ax.axhline(1.0, color="gray", lw=0.8)
         ax.set(xlabel="layers removed", ylabel="perplexity / dense", title="Held-out token perplexity")
         ax.legend(fontsize=7)
