@@ -107,18 +107,50 @@ def render_markdown(results: dict) -> str:
     return "\n".join(lines)
 
 
-def bench_markdown(bench: dict) -> list[str]:
-    lines = [
-        "| runtime | scenario | layers removed | median ms | speedup | ideal | measured / ideal |",
-        "|---|---|---|---|---|---|---|",
+def bench_table(bench: dict) -> tuple[list[str], list[list[str]]]:
+    """Every latency figure: one row per runtime, scenario and number of layers removed."""
+    header = [
+        "runtime", "scenario", "layers removed", "median ms", "q1-q3 ms", "min-max ms",
+        "speedup", "ideal", "measured / ideal", "tokens/s",
+    ]  # fmt: skip
+    table = [
+        [
+            f"{row['runtime']} {row.get('runtime_version') or ''}".strip(),
+            row["scenario"],
+            str(row["layers_removed"]),
+            f"{row['median_ms']:.2f}",
+            f"{row['q1_ms']:.2f}-{row['q3_ms']:.2f}",
+            f"{row['min_ms']:.2f}-{row['max_ms']:.2f}",
+            _fmt(row.get("speedup"), ".3f"),
+            _fmt(row.get("ideal_speedup"), ".3f"),
+            _fmt(row.get("efficiency"), ".2f"),
+            _fmt(row.get("tokens_per_s"), ".1f") if row.get("tokens_per_s") is not None else "",
+        ]
+        for row in bench.get("rows", [])
     ]
-    for row in bench.get("rows", []):
-        lines.append(
-            f"| {row['runtime']} | {row['scenario']} | {row['layers_removed']} | {row['median_ms']:.2f} | "
-            f"{_fmt(row.get('speedup'), '.3f')} | {_fmt(row.get('ideal_speedup'), '.3f')} | "
-            f"{_fmt(row.get('efficiency'), '.2f')} |"
-        )
-    return lines
+    return header, table
+
+
+def bench_notes(bench: dict) -> tuple[list[str], str]:
+    """The busy-machine warnings, and one line on how the figures were taken."""
+    protocol, load = bench["protocol"], bench["load_average"]
+    shares = ", ".join(f"{name} {share:.2f}" for name, share in protocol.get("layer_share", {}).items())
+    busiest = "n/a" if load.get("max") is None else f"{load['max']:.1f}"
+    how = (
+        f"{protocol['process']}; warm-up runs: {protocol['warmup']}, measured repeats: {protocol['repeats']}, "
+        f"threads: {protocol['threads']}; load average up to {busiest} on {load['cores']} cores. "
+        f"Speedup: {protocol['speedup']}. Ideal: {protocol['ideal']}" + (f" (s: {shares})." if shares else ".")
+    )
+    return list(bench.get("warnings", [])), how
+
+
+def bench_markdown(bench: dict) -> list[str]:
+    header, table = bench_table(bench)
+    warnings, how = bench_notes(bench)
+    lines = [f"**Warning: {w}.**" for w in warnings] + ([""] if warnings else [])
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in table]
+    return [*lines, "", how]
 
 
 def _fmt(value: float | None, spec: str = ".1f") -> str:
@@ -247,6 +279,14 @@ def render_html(results: dict) -> str:
     )
     parts += ["<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in table]
     parts.append("</table>")
+    if results.get("bench"):
+        bench_header, bench_rows = bench_table(results["bench"])
+        warnings, how = bench_notes(results["bench"])
+        parts.append("<h2>Latency</h2>")
+        parts += [f"<p class='FAIL warning'>Warning: {html.escape(w)}.</p>" for w in warnings]
+        parts.append("<table id='latency'><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in bench_header) + "</tr>")
+        parts += ["<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in bench_rows]
+        parts.append(f"</table><p><small>{html.escape(how)}</small></p>")
     for name, png in plots(results).items():
         data = base64.b64encode(png).decode()
         parts.append(f"<figure><img alt='{name}' id='plot-{name}' src='data:image/png;base64,{data}'></figure>")

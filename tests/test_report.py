@@ -93,3 +93,40 @@ def test_bad_signoff_key_is_a_recipe_error(tmp_path, tiny_dir):  # noqa: F811
     result = _run(tmp_path, tiny_dir, "signoff:\n  min_acuracy_kept: 90\n")
     assert result.exit_code == 2
     assert "signoff.min_acuracy_kept: unknown key (did you mean 'min_accuracy_kept'?)" in result.output
+
+
+def test_latency_section_shows_every_row_the_spread_and_the_busy_warning():
+    from prunecomp_export.bench import summarise
+    from prunecomp_export.recipe import BenchSpec, Scenario
+    from prunecomp_export.report import render_html, render_markdown
+
+    spec = BenchSpec(scenarios=[Scenario(name="p", kind="prefill"), Scenario(name="t", kind="throughput")])
+    timing = {"p": {"times_ms": [10.0, 11.0, 12.0, 13.0, 14.0]}, "t": {"times_ms": [100.0] * 5}}
+    raw = {
+        "onnxruntime": {
+            k: {"scenarios": timing, "runtime_version": "9.9", "load_before": 0.1, "load_after": 9.0} for k in (0, 2)
+        }
+    }
+    results = json.loads(json.dumps({"bench": summarise(spec, raw, 4, threads=2)}))
+    # the rest of a results.json, with nothing measured
+    base = {
+        "schema": "prunecomp-results/1",
+        "model": {"source": "m", "layers_before": 4, "layers_after": 2, "layers_removed": 2},
+        "signoff": {"passed": True, "checks": []},
+        "measurements": [],
+        "summary": {"accuracy_kept_percent": None, "baseline_accuracy_kept_percent": None},
+        "protocol": {"perplexity": None},
+        "trajectory": {"metric": "block_influence", "schedule": "iterative", "rounds": []},
+        "packages": {},
+    }
+    markdown = render_markdown({**base, **results})
+    latency = markdown[markdown.index("## Latency") :]
+    assert "**Warning: the machine was busy" in latency
+    table = [line for line in latency.splitlines() if line.startswith("| onnxruntime 9.9 |")]
+    assert len(table) == 4
+    # prefill 10..14 ms: median 12, inclusive quartiles 11 and 13; throughput: 1 x 32 tokens in 0.1 s
+    assert "| onnxruntime 9.9 | p | 2 | 12.00 | 11.00-13.00 | 10.00-14.00 | 1.000 |" in latency
+    assert "| 320.0 |" in table[-1]
+    page = render_html({**base, **results})
+    assert "<p class='FAIL warning'>Warning: the machine was busy" in page
+    assert page.count("<td>onnxruntime 9.9</td>") == 4
