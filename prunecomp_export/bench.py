@@ -1,7 +1,8 @@
 """Measured latency of the dense and pruned models on each runtime, against an ideal cost model.
 
 Every model-and-runtime pair runs in a fresh process (``bench_worker``) with warm-up runs, at least
-five measured repeats and pinned threads; the load average is recorded around it. Speedup is the
+five measured repeats and pinned threads; the load average is recorded around it, and the CPU time
+other processes used while it ran (the report warns when that was high). Speedup is the
 dense median over the pruned median, measured in the same run on the same machine.
 
 The ideal: only the decoder layers shrink. With ``s`` the share of a dense run spent inside the
@@ -55,8 +56,27 @@ def runtimes_for(spec: BenchSpec, targets: list[str]) -> list[str]:
     return ["torch", *(TARGET_RUNTIMES[t] for t in targets if t in TARGET_RUNTIMES)]
 
 
+def _machine_busy_seconds() -> float:
+    """CPU seconds every core of the machine has spent busy since boot, all processes together."""
+    import psutil
+
+    times = psutil.cpu_times()
+    fields = ("user", "nice", "system", "irq", "softirq", "steal")  # guest time is inside user/nice
+    return sum(getattr(times, name, 0.0) for name in fields)
+
+
+def _children_cpu_seconds() -> float:
+    """CPU seconds of this process's finished (waited-for) children and their descendants."""
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def run_worker(job: dict, python: str, timeout_s: float, path_root: str | None = None) -> dict:
-    """One fresh process for one model on one runtime; its JSON result."""
+    """One fresh process for one model on one runtime; its JSON result, with ``other_cpu``: how many
+    cores other processes kept busy, on average, while it ran (the load average counts the worker's
+    own threads, so it cannot tell a busy machine from a bench that uses every core)."""
     with tempfile.TemporaryDirectory(prefix="prunecomp-bench-") as tmp:
         job = {**job, "result_path": str(Path(tmp) / "result.json")}
         job_path = Path(tmp) / "job.json"
@@ -69,6 +89,7 @@ def run_worker(job: dict, python: str, timeout_s: float, path_root: str | None =
             env.setdefault("VLLM_HOST_IP", "127.0.0.1")
         prefix = "import sys; " + (f"sys.path.insert(0, {path_root!r}); " if path_root else "")
         code = prefix + "from prunecomp_export.bench_worker import main; sys.exit(main(sys.argv[1]))"
+        busy_before, own_before, started = _machine_busy_seconds(), _children_cpu_seconds(), time.monotonic()
         try:
             done = subprocess.run(
                 [python, "-c", code, str(job_path)],
@@ -83,11 +104,14 @@ def run_worker(job: dict, python: str, timeout_s: float, path_root: str | None =
             raise ValidationFailed(
                 f"bench: {job['runtime']} on {job['checkpoint']} took over {timeout_s:.0f} s"
             ) from None
+        wall = time.monotonic() - started
+        own = _children_cpu_seconds() - own_before
+        other_cpu = max(0.0, _machine_busy_seconds() - busy_before - own) / wall
         result_path = Path(job["result_path"])
         if not result_path.is_file():
             tail = "\n".join(done.stderr.strip().splitlines()[-3:])
             raise ValidationFailed(f"bench: the {job['runtime']} worker exited with {done.returncode}: {tail}")
-        result = json.loads(result_path.read_text())
+        result = {**json.loads(result_path.read_text()), "other_cpu": other_cpu}
     if "error" in result:
         raise ValidationFailed(f"bench: {job['runtime']} failed on {job['checkpoint']}: {result['error']}")
     return result
@@ -144,11 +168,12 @@ def summarise(spec: BenchSpec, raw: dict[str, dict[int, dict]], num_layers: int,
         for name, result in raw.get("torch", {}).get(0, {}).get("scenarios", {}).items()
         if "layer_share" in result
     }
-    rows, loads = [], []
+    rows, loads, others = [], [], []
     for runtime, points in raw.items():
         dense = points[0]["scenarios"]
         for k, result in sorted(points.items()):
             loads += [result["load_before"], result["load_after"]]
+            others.append(result["other_cpu"])
             for scenario in spec.scenarios:
                 figures = stats(result["scenarios"][scenario.name]["times_ms"])
                 speedup = stats(dense[scenario.name]["times_ms"])["median_ms"] / figures["median_ms"]
@@ -170,12 +195,12 @@ def summarise(spec: BenchSpec, raw: dict[str, dict[int, dict]], num_layers: int,
                     }
                 )
     cores = os.cpu_count() or 1
-    busiest = max(loads) / cores if loads else 0.0
+    busiest = max(others, default=0.0)
     warnings = []
-    if busiest > spec.busy_load_per_core:
+    if busiest / cores > spec.busy_load_per_core:
         warnings.append(
-            f"the machine was busy while timing (load average up to {max(loads):.1f} on {cores} cores): "
-            "treat these figures with care"
+            f"the machine was busy while timing (other processes kept {busiest:.1f} of {cores} cores busy "
+            "on average during a measurement): treat these figures with care"
         )
     return {
         "protocol": {
@@ -190,6 +215,7 @@ def summarise(spec: BenchSpec, raw: dict[str, dict[int, dict]], num_layers: int,
         },
         "rows": rows,
         "load_average": {"max": max(loads) if loads else None, "cores": cores},
+        "other_cpu": {"max": busiest if others else None, "cores": cores},
         "warnings": warnings,
     }
 

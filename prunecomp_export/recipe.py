@@ -169,7 +169,9 @@ class BenchSpec(Strict):
     repeats: int = Field(5, ge=5, description="Measured repeats per scenario (median and spread reported).")
     threads: int | None = Field(None, gt=0, description="Threads per runtime; default: all cores.")
     timeout_s: float = Field(1800, gt=0, description="Per model-and-runtime process.")
-    busy_load_per_core: float = Field(0.5, ge=0, description="Warn when the load average per core exceeds this.")
+    busy_load_per_core: float = Field(
+        0.25, ge=0, description="Warn when other processes kept more than this share of the cores busy while timing."
+    )
 
 
 class OutputSpec(Strict):

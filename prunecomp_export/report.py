@@ -133,12 +133,14 @@ def bench_table(bench: dict) -> tuple[list[str], list[list[str]]]:
 
 def bench_notes(bench: dict) -> tuple[list[str], str]:
     """The busy-machine warnings, and one line on how the figures were taken."""
-    protocol, load = bench["protocol"], bench["load_average"]
+    protocol, load, other = bench["protocol"], bench["load_average"], bench.get("other_cpu", {})
     shares = ", ".join(f"{name} {share:.2f}" for name, share in protocol.get("layer_share", {}).items())
     busiest = "n/a" if load.get("max") is None else f"{load['max']:.1f}"
+    others = "n/a" if other.get("max") is None else f"{other['max']:.2f}"
     how = (
         f"{protocol['process']}; warm-up runs: {protocol['warmup']}, measured repeats: {protocol['repeats']}, "
-        f"threads: {protocol['threads']}; load average up to {busiest} on {load['cores']} cores. "
+        f"threads: {protocol['threads']}; load average up to {busiest} on {load['cores']} cores (the bench's "
+        f"own threads included), other processes up to {others} cores busy. "
         f"Speedup: {protocol['speedup']}. Ideal: {protocol['ideal']}" + (f" (s: {shares})." if shares else ".")
     )
     return list(bench.get("warnings", [])), how

@@ -34,8 +34,14 @@ def test_summarise_speedup_ideal_and_efficiency():
                 "scenarios": {"p": {"times_ms": [10.0] * 5, "layer_share": 0.5}},
                 "load_before": 0.1,
                 "load_after": 0.2,
+                "other_cpu": 0.1,
             },
-            2: {"scenarios": {"p": {"times_ms": [8.0] * 5, "layer_share": 0.4}}, "load_before": 0.1, "load_after": 0.2},
+            2: {
+                "scenarios": {"p": {"times_ms": [8.0] * 5, "layer_share": 0.4}},
+                "load_before": 3.0,  # the bench's own threads: not a reason to warn
+                "load_after": 0.2,
+                "other_cpu": 0.2,
+            },
         }
     }
     bench = summarise(spec, raw, 4, threads=2)
@@ -45,7 +51,8 @@ def test_summarise_speedup_ideal_and_efficiency():
     assert pruned["efficiency"] == pytest.approx(1.25 / (4 / 3))
     assert bench["warnings"] == []
     assert speedups_at(bench, 2) == {"torch": pytest.approx(1.25)}
-    busy = summarise(spec, {"torch": {k: {**v, "load_after": 50.0} for k, v in raw["torch"].items()}}, 4, 2)
+    assert bench["load_average"]["max"] == 3.0
+    busy = summarise(spec, {"torch": {k: {**v, "other_cpu": 1.5} for k, v in raw["torch"].items()}}, 4, 2)
     assert busy["warnings"] and "busy" in busy["warnings"][0]
 
 
@@ -103,3 +110,23 @@ def test_onnxruntime_worker_times_an_exported_tiny_checkpoint(tmp_path):
     export_onnx(tmp_path / "ckpt", tmp_path / "onnx")
     job = _tiny_job("onnxruntime", tmp_path / "ckpt", onnx_path=str(tmp_path / "onnx" / ONNX_FILE))
     _assert_timed(run_worker(job, sys.executable, timeout_s=300))
+
+
+def test_worker_reports_the_cpu_other_processes_used_meanwhile(tmp_path):
+    """A process spinning on one core during the worker's run shows up in ``other_cpu``; the worker's
+    own CPU time does not (checked against the machine's idle baseline, not a speed)."""
+    import subprocess
+
+    from tests.conftest import make_model
+
+    make_model("llama").save_pretrained(tmp_path)
+    job = _tiny_job("torch", tmp_path)
+    quiet = run_worker(job, sys.executable, timeout_s=300)["other_cpu"]
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        busy = run_worker(job, sys.executable, timeout_s=300)["other_cpu"]
+    finally:
+        spinner.kill()
+        spinner.wait()
+    assert quiet >= 0 and math.isfinite(busy)
+    assert busy > quiet + 0.3, (quiet, busy)  # one spinning core, against whatever else was running

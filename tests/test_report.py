@@ -102,11 +102,8 @@ def test_latency_section_shows_every_row_the_spread_and_the_busy_warning():
 
     spec = BenchSpec(scenarios=[Scenario(name="p", kind="prefill"), Scenario(name="t", kind="throughput")])
     timing = {"p": {"times_ms": [10.0, 11.0, 12.0, 13.0, 14.0]}, "t": {"times_ms": [100.0] * 5}}
-    raw = {
-        "onnxruntime": {
-            k: {"scenarios": timing, "runtime_version": "9.9", "load_before": 0.1, "load_after": 9.0} for k in (0, 2)
-        }
-    }
+    measured = {"scenarios": timing, "runtime_version": "9.9", "load_before": 0.1, "load_after": 9.0, "other_cpu": 1.9}
+    raw = {"onnxruntime": {0: measured, 2: measured}}
     results = json.loads(json.dumps({"bench": summarise(spec, raw, 4, threads=2)}))
     # the rest of a results.json, with nothing measured
     base = {
