@@ -131,6 +131,7 @@ def benchmark(
     ``onnx_export(checkpoint) -> Path`` exports a checkpoint for ONNX Runtime.
     """
     threads = spec.threads or os.cpu_count() or 1
+    onnx_paths: dict[int, str] = {}  # one export per checkpoint, whatever the rounds
     max_len = max(max(s.prompt_len, s.past_len) + s.new_tokens + 1 for s in spec.scenarios)
     raw: dict[str, dict[int, dict]] = {}
     for runtime in runtimes:
@@ -142,7 +143,14 @@ def benchmark(
             vllm_target.require_vllm(python)
             path_root = vllm_target._package_root_for_child()
         raw[runtime] = {}
-        for k, checkpoint in reporter.track(sorted(checkpoints.items()), f"bench {runtime}"):
+        # Rounds alternate the order (dense..pruned, then pruned..dense), so a machine that slows
+        # down or speeds up over the run weighs on every point alike.
+        runs = [
+            (k, checkpoints[k])
+            for round_index in range(spec.rounds)
+            for k in (sorted(checkpoints) if round_index % 2 == 0 else sorted(checkpoints, reverse=True))
+        ]
+        for k, checkpoint in reporter.track(runs, f"bench {runtime}"):
             job = {
                 "runtime": runtime,
                 "checkpoint": str(checkpoint),
@@ -154,11 +162,27 @@ def benchmark(
                 "max_model_len": max_len,
             }
             if runtime == "onnxruntime":
-                job["onnx_path"] = str(onnx_export(checkpoint))
+                if k not in onnx_paths:
+                    onnx_paths[k] = str(onnx_export(checkpoint))
+                job["onnx_path"] = onnx_paths[k]
             started = time.perf_counter()
-            raw[runtime][k] = run_worker(job, python, spec.timeout_s, path_root)
+            raw[runtime][k] = merge_rounds(raw[runtime].get(k), run_worker(job, python, spec.timeout_s, path_root))
             reporter.log(f"bench {runtime}, {k} layers removed: {time.perf_counter() - started:.0f} s")
     return summarise(spec, raw, num_layers, threads)
+
+
+def merge_rounds(previous: dict | None, result: dict) -> dict:
+    """One point's rounds as one result: every repeat's time, the busiest load, the mean layer share."""
+    if previous is None:
+        return result
+    merged = {**result, **{key: max(previous[key], result[key]) for key in ("load_before", "load_after", "other_cpu")}}
+    merged["scenarios"] = {}
+    for name, figures in result["scenarios"].items():
+        before = previous["scenarios"][name]
+        merged["scenarios"][name] = {"times_ms": before["times_ms"] + figures["times_ms"]}
+        if "layer_share" in figures:
+            merged["scenarios"][name]["layer_share"] = (before["layer_share"] + figures["layer_share"]) / 2
+    return merged
 
 
 def summarise(spec: BenchSpec, raw: dict[str, dict[int, dict]], num_layers: int, threads: int) -> dict:
@@ -207,8 +231,9 @@ def summarise(spec: BenchSpec, raw: dict[str, dict[int, dict]], num_layers: int,
             "scenarios": [s.model_dump() for s in spec.scenarios],
             "warmup": spec.warmup,
             "repeats": spec.repeats,
+            "rounds": spec.rounds,
             "threads": threads,
-            "process": "one fresh process per model and runtime",
+            "process": "one fresh process per model, runtime and round",
             "speedup": "dense median / pruned median, same run",
             "ideal": "1 / (1 - s*k/L), s = decoder-layer share of the dense PyTorch eager run per scenario",
             "layer_share": shares,

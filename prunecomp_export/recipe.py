@@ -167,6 +167,9 @@ class BenchSpec(Strict):
     scenarios: list[Scenario] = Field(default_factory=_default_scenarios, min_length=1)
     warmup: int = Field(2, ge=1)
     repeats: int = Field(5, ge=5, description="Measured repeats per scenario (median and spread reported).")
+    rounds: int = Field(
+        1, ge=1, description="Fresh processes per model and runtime, in alternating order; their repeats are pooled."
+    )
     threads: int | None = Field(None, gt=0, description="Threads per runtime; default: all cores.")
     timeout_s: float = Field(1800, gt=0, description="Per model-and-runtime process.")
     busy_load_per_core: float = Field(

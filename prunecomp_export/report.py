@@ -139,6 +139,7 @@ def bench_notes(bench: dict) -> tuple[list[str], str]:
     others = "n/a" if other.get("max") is None else f"{other['max']:.2f}"
     how = (
         f"{protocol['process']}; warm-up runs: {protocol['warmup']}, measured repeats: {protocol['repeats']}, "
+        f"rounds: {protocol.get('rounds', 1)}, "
         f"threads: {protocol['threads']}; load average up to {busiest} on {load['cores']} cores (the bench's "
         f"own threads included), other processes up to {others} cores busy. "
         f"Speedup: {protocol['speedup']}. Ideal: {protocol['ideal']}" + (f" (s: {shares})." if shares else ".")

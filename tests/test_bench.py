@@ -56,6 +56,32 @@ def test_summarise_speedup_ideal_and_efficiency():
     assert busy["warnings"] and "busy" in busy["warnings"][0]
 
 
+def test_rounds_alternate_the_order_and_pool_the_repeats(monkeypatch):
+    from pathlib import Path
+
+    from prunecomp_export import bench
+    from prunecomp_export.progress import Reporter
+
+    calls = []
+
+    def fake_worker(job, python, timeout_s, path_root=None):
+        calls.append(job["checkpoint"])
+        n = float(len(calls))  # the n-th process times everything at n ms
+        return {"scenarios": {"p": {"times_ms": [n] * 5, "layer_share": n / 10}}, "load_before": n, "load_after": 0.0,
+                "other_cpu": 0.0, "runtime_version": "x", "threads": 1}  # fmt: skip
+
+    monkeypatch.setattr(bench, "run_worker", fake_worker)
+    spec = BenchSpec(scenarios=[Scenario(name="p", kind="prefill")], rounds=2)
+    out = bench.benchmark(spec, ["torch"], {0: Path("dense"), 2: Path("pruned")}, 4, 128, Reporter())
+    assert calls == ["dense", "pruned", "pruned", "dense"]
+    dense = next(r for r in out["rows"] if r["layers_removed"] == 0)
+    pruned = next(r for r in out["rows"] if r["layers_removed"] == 2)
+    # dense: processes 1 and 4 -> ten times, median (1 + 4) / 2; pruned: processes 2 and 3
+    assert (dense["repeats"], dense["median_ms"], pruned["median_ms"]) == (10, 2.5, 2.5)
+    assert out["protocol"]["layer_share"]["p"] == pytest.approx((0.1 + 0.4) / 2)
+    assert out["protocol"]["rounds"] == 2 and out["load_average"]["max"] == 4.0
+
+
 def _tiny_job(runtime: str, checkpoint, **extra) -> dict:
     """A worker job for a tiny checkpoint: one scenario of each kind, five repeats, one thread."""
     scenarios = [
