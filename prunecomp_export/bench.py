@@ -13,6 +13,7 @@ ideally gives ``1 / (1 - s * k / L)``. measured / ideal tells "the runtime did n
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import statistics
@@ -73,6 +74,39 @@ def _children_cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+def _run_sampling_cpu(cmd: list[str], env: dict, timeout_s: float, job: dict) -> tuple[str, int, float]:
+    """Run the worker in a session of its own; its stderr, exit code and the CPU seconds its process
+    tree was seen to use (sampled twice a second; the whole session is killed on timeout)."""
+    import signal
+
+    import psutil
+
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True,
+        start_new_session=True,
+    )  # fmt: skip
+    seen: dict[int, float] = {}
+    deadline = time.monotonic() + timeout_s
+    while True:
+        with contextlib.suppress(psutil.Error):
+            root = psutil.Process(proc.pid)
+            for member in [root, *root.children(recursive=True)]:
+                with contextlib.suppress(psutil.Error):
+                    times = member.cpu_times()
+                    seen[member.pid] = max(seen.get(member.pid, 0.0), times.user + times.system)
+        try:
+            _, stderr = proc.communicate(timeout=0.5)  # retrying communicate() loses no output
+            return stderr, proc.returncode, sum(seen.values())
+        except subprocess.TimeoutExpired:
+            if time.monotonic() > deadline:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.communicate()
+                raise ValidationFailed(
+                    f"bench: {job['runtime']} on {job['checkpoint']} took over {timeout_s:.0f} s"
+                ) from None
+
+
 def run_worker(job: dict, python: str, timeout_s: float, path_root: str | None = None) -> dict:
     """One fresh process for one model on one runtime; its JSON result, with ``other_cpu``: how many
     cores other processes kept busy, on average, while it ran (the load average counts the worker's
@@ -90,27 +124,16 @@ def run_worker(job: dict, python: str, timeout_s: float, path_root: str | None =
         prefix = "import sys; " + (f"sys.path.insert(0, {path_root!r}); " if path_root else "")
         code = prefix + "from prunecomp_export.bench_worker import main; sys.exit(main(sys.argv[1]))"
         busy_before, own_before, started = _machine_busy_seconds(), _children_cpu_seconds(), time.monotonic()
-        try:
-            done = subprocess.run(
-                [python, "-c", code, str(job_path)],
-                env=env,
-                capture_output=True,
-                text=True,
-                timeout=timeout_s,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,
-            )
-        except subprocess.TimeoutExpired:
-            raise ValidationFailed(
-                f"bench: {job['runtime']} on {job['checkpoint']} took over {timeout_s:.0f} s"
-            ) from None
+        stderr, returncode, tree_cpu = _run_sampling_cpu([python, "-c", code, str(job_path)], env, timeout_s, job)
         wall = time.monotonic() - started
-        own = _children_cpu_seconds() - own_before
+        # The worker's own CPU: what the kernel accounts to reaped children, or what sampling its process
+        # tree saw (vLLM's engine process may outlive the worker's wait and escape the first).
+        own = max(_children_cpu_seconds() - own_before, tree_cpu)
         other_cpu = max(0.0, _machine_busy_seconds() - busy_before - own) / wall
         result_path = Path(job["result_path"])
         if not result_path.is_file():
-            tail = "\n".join(done.stderr.strip().splitlines()[-3:])
-            raise ValidationFailed(f"bench: the {job['runtime']} worker exited with {done.returncode}: {tail}")
+            tail = "\n".join(stderr.strip().splitlines()[-3:])
+            raise ValidationFailed(f"bench: the {job['runtime']} worker exited with {returncode}: {tail}")
         result = {**json.loads(result_path.read_text()), "other_cpu": other_cpu}
     if "error" in result:
         raise ValidationFailed(f"bench: {job['runtime']} failed on {job['checkpoint']}: {result['error']}")
