@@ -132,7 +132,9 @@ def run(recipe: Recipe, targets: list[str], reporter: Reporter | None = None, be
     trajectory = prune(model, adapter, batches, plan, recipe.prune.schedule, reporter)
     measurements += evaluator.evaluate(model, "prunecomp", plan.num_drop)
     if keep_dense and evaluator.enabled:
-        measurements += _along_trajectory(dense, adapter, plan, trajectory, points, evaluator, recipe, log)
+        measurements += _along_trajectory(
+            dense, adapter, plan, trajectory, points, evaluator, recipe, log, consume_dense=not bench
+        )
 
     with staged_directory(output, overwrite=recipe.output.overwrite) as stage:
         checkpoint = stage / "checkpoint"
@@ -211,8 +213,12 @@ def _trajectory_points(recipe: Recipe, plan: Plan) -> list[int]:
     return sorted({k for k in points if k < plan.num_drop})
 
 
-def _along_trajectory(dense, adapter, plan: Plan, trajectory: Trajectory, points: list[int], evaluator, recipe, log):
-    """Checkpoints rebuilt from the one run at each requested point, and the baseline beside them."""
+def _along_trajectory(
+    dense, adapter, plan: Plan, trajectory: Trajectory, points: list[int], evaluator, recipe, log, consume_dense: bool
+):
+    """Checkpoints rebuilt from the one run at each requested point, and the baseline beside them.
+    ``consume_dense``: nothing needs the dense model afterwards, so the last baseline may prune it in
+    place (one model copy less in memory); the bench still needs it dense."""
     rows = []
     for k in points:
         steps = steps_for(trajectory, k)
@@ -227,7 +233,7 @@ def _along_trajectory(dense, adapter, plan: Plan, trajectory: Trajectory, points
         # The paper's baseline: the same metric, one shot, no compensation.
         for k in [*points, plan.num_drop]:
             removed = baseline_layers(plan, trajectory, k)
-            baseline = copy.deepcopy(dense) if k != plan.num_drop else dense
+            baseline = dense if (k == plan.num_drop and consume_dense) else copy.deepcopy(dense)
             log(f"baseline with {k} removed ({plan.metric.name} one-shot, no compensation): layers {removed}")
             apply_steps(baseline, adapter, [Step([i], 1.0) for i in removed], None)
             rows += [

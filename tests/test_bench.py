@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 
@@ -9,6 +10,7 @@ import pytest
 
 from prunecomp_export.bench import ideal_speedup, run_worker, speedups_at, stats, summarise
 from prunecomp_export.recipe import BenchSpec, Scenario
+from tests.test_recipe_errors import GOOD, tiny_dir, write  # noqa: F401  (fixture)
 
 
 def test_stats_by_hand():
@@ -156,3 +158,23 @@ def test_worker_reports_the_cpu_other_processes_used_meanwhile(tmp_path):
         spinner.wait()
     assert quiet >= 0 and math.isfinite(busy)
     assert busy > quiet + 0.3, (quiet, busy)  # one spinning core, against whatever else was running
+
+
+@pytest.mark.parametrize("points", ["all", "[]"])
+def test_pipeline_bench_times_the_dense_model_beside_the_evaluated_baseline(points, tmp_path, tiny_dir):  # noqa: F811
+    """With perplexity and the one-shot baseline evaluated, the bench's dense checkpoint must still be
+    dense: the final baseline once pruned the kept dense model in place (speedups came out ~1)."""
+    from click.testing import CliRunner
+
+    from prunecomp_export.cli import main
+
+    recipe = GOOD + "evaluation:\n  perplexity:\n    corpora: [{text}]\n    seq_len: 16\n  trajectory: all\n"
+    scenarios = '[{"name": "p", "kind": "prefill", "batch": 1, "prompt_len": 8}]'
+    args = [str(write(tmp_path, recipe, tiny_dir)), "--bench", "--set", 'bench.runtimes=["torch"]']
+    args += ["--set", "bench.warmup=1", "--set", f"bench.scenarios={scenarios}", "--set", f"bench.points={points}"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert {m["variant"] for m in results["measurements"]} == {"dense", "prunecomp", "baseline"}
+    rows = json.loads((tmp_path / "out" / "bench.json").read_text())["rows"]
+    assert sorted(r["layers_removed"] for r in rows) == ([0, 1, 2] if points == "all" else [0, 2])
