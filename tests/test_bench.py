@@ -58,23 +58,25 @@ def test_summarise_speedup_ideal_and_efficiency():
     assert busy["warnings"] and "busy" in busy["warnings"][0]
 
 
-def test_rounds_alternate_the_order_and_pool_the_repeats(monkeypatch):
-    from pathlib import Path
-
+def test_rounds_alternate_the_order_and_pool_the_repeats(monkeypatch, tmp_path):
     from prunecomp_export import bench
     from prunecomp_export.progress import Reporter
 
     calls = []
 
     def fake_worker(job, python, timeout_s, path_root=None):
-        calls.append(job["checkpoint"])
+        calls.append(job["checkpoint"].rsplit("/", 1)[-1])
         n = float(len(calls))  # the n-th process times everything at n ms
         return {"scenarios": {"p": {"times_ms": [n] * 5, "layer_share": n / 10}}, "load_before": n, "load_after": 0.0,
                 "other_cpu": 0.0, "runtime_version": "x", "threads": 1}  # fmt: skip
 
     monkeypatch.setattr(bench, "run_worker", fake_worker)
     spec = BenchSpec(scenarios=[Scenario(name="p", kind="prefill")], rounds=2)
-    out = bench.benchmark(spec, ["torch"], {0: Path("dense"), 2: Path("pruned")}, 4, 128, Reporter())
+    checkpoints = {0: tmp_path / "dense", 2: tmp_path / "pruned"}
+    for k, directory in checkpoints.items():  # the bench checks each checkpoint's layer count
+        directory.mkdir()
+        (directory / "config.json").write_text(json.dumps({"num_hidden_layers": 4 - k}))
+    out = bench.benchmark(spec, ["torch"], checkpoints, 4, 128, Reporter())
     assert calls == ["dense", "pruned", "pruned", "dense"]
     dense = next(r for r in out["rows"] if r["layers_removed"] == 0)
     pruned = next(r for r in out["rows"] if r["layers_removed"] == 2)
