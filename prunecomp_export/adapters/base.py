@@ -3,15 +3,49 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
+
+from prunecomp_export.errors import ModelError
+
+
+class LayerTensorError(ModelError):
+    """A layer's checkpoint tensor that is missing or cannot be used; ``key`` is relative to the layer,
+    so the caller, who knows the layer, can name the full checkpoint key."""
+
+    def __init__(self, key: str, problem: str):
+        self.key = key
+        self.problem = problem
+        super().__init__(f"tensor {key!r} {problem}")
+
+
+#: the leaves of a linear writer that carry its output: scaling both scales what it writes
+LINEAR_LEAVES = ("weight", "bias")
+
+
+@torch.no_grad()
+def scaled(tensor: torch.Tensor, factor: float, chunk: int = 1 << 22, *, inplace: bool = False) -> torch.Tensor:
+    """``tensor * factor`` computed in fp32 and rounded once to the tensor's dtype, ``chunk`` elements
+    at a time (an fp32 copy of a whole 128k-vocabulary embedding would double its memory); ``inplace``
+    overwrites a contiguous ``tensor`` the caller owns instead of allocating the result."""
+    source = tensor.detach().contiguous().reshape(-1)
+    out = (
+        tensor
+        if inplace and tensor.is_contiguous()
+        else torch.empty(tensor.shape, dtype=tensor.dtype, device=tensor.device)
+    )
+    flat = out.reshape(-1)
+    for start in range(0, source.numel(), chunk):
+        flat[start : start + chunk] = (source[start : start + chunk].float() * factor).to(tensor.dtype)
+    return out
 
 
 @torch.no_grad()
 def scale_parameter_(param: torch.Tensor, factor: float) -> None:
     """Multiply in fp32 and store back in the parameter's dtype (one rounding, not two)."""
-    param.copy_((param.float() * factor).to(param.dtype))
+    param.copy_(scaled(param, factor))
 
 
 @dataclass(frozen=True)
@@ -27,6 +61,44 @@ class Adapter:
     #: submodules of a decoder layer whose outputs are added to the residual stream
     writer_paths: tuple[str, ...] = ("self_attn.o_proj", "mlp.down_proj")
     notes: str = ""
+
+    # -- checkpoint keys (as transformers' save_pretrained writes them) ----------------------------
+    layer_prefix: ClassVar[str] = "model.layers."
+    embedding_key: ClassVar[str] = "model.embed_tokens.weight"
+    lm_head_key: ClassVar[str] = "lm_head.weight"
+    final_norm_prefix: ClassVar[str] = "model.norm."
+    final_norm_keys: ClassVar[tuple[str, ...]] = (f"{final_norm_prefix}weight",)
+
+    def non_layer_keys(self) -> tuple[str, ...]:
+        """Every checkpoint key outside the decoder layers (``lm_head_key`` is absent when tied)."""
+        return (self.embedding_key, *self.final_norm_keys, self.lm_head_key)
+
+    def split_layer_key(self, key: str) -> tuple[int, str] | None:
+        """``model.layers.12.mlp.down_proj.weight`` -> ``(12, "mlp.down_proj.weight")``; None outside layers."""
+        if not key.startswith(self.layer_prefix):
+            return None
+        index, _, rest = key[len(self.layer_prefix) :].partition(".")
+        return (int(index), rest) if index.isdigit() and rest else None
+
+    def layer_key(self, index: int, key: str) -> str:
+        return f"{self.layer_prefix}{index}.{key}"
+
+    def scale_writer_tensor(self, key: str, tensor: torch.Tensor, factor: float) -> torch.Tensor | None:
+        """``tensor`` (checkpoint ``key``, relative to its layer) with its residual write scaled by
+        ``factor`` (fp32, one rounding), or None when it is not a residual writer of this family.
+        Same writers as ``scale_residual_writes``: a writer path's weight and bias."""
+        path, _, leaf = key.rpartition(".")
+        if path in self.writer_paths and leaf in LINEAR_LEAVES:
+            return scaled(tensor, factor)
+        return None
+
+    def layer_module_tensors(
+        self, tensors: dict[str, torch.Tensor], layer: nn.Module | None = None
+    ) -> dict[str, torch.Tensor]:
+        """One layer's checkpoint tensors (keys relative to the layer) as the layer module's
+        ``state_dict`` keys, for ``layer.load_state_dict(..., assign=True, strict=True)``. The
+        checkpoint layout is the module's for every family but the MoE ones (see moe.py)."""
+        return dict(tensors)
 
     # -- where things are ---------------------------------------------------------------------
     def decoder(self, model: nn.Module) -> nn.Module:
@@ -59,9 +131,9 @@ class Adapter:
     def scale_residual_writes(self, layer: nn.Module, factor: float) -> None:
         """Scale everything a layer adds to the stream: the writers' weights and biases."""
         for writer in self.residual_writers(layer):
-            scale_parameter_(writer.weight, factor)
-            if getattr(writer, "bias", None) is not None:
-                scale_parameter_(writer.bias, factor)
+            for leaf in LINEAR_LEAVES:
+                if (tensor := getattr(writer, leaf, None)) is not None:
+                    scale_parameter_(tensor, factor)
 
     # -- surgery ------------------------------------------------------------------------------
     def set_layer_index(self, layer: nn.Module, index: int) -> None:
@@ -82,6 +154,10 @@ class Adapter:
         """Give the LM head its own copy of the embedding so scaling one leaves the other."""
         head = self.lm_head(model)
         head.weight = nn.Parameter(self.embedding(model).weight.detach().clone())
-        model.config.tie_word_embeddings = False
-        if hasattr(model.config, "get_text_config"):
-            model.config.get_text_config().tie_word_embeddings = False
+        self.untie_config(model.config)
+
+    def untie_config(self, config) -> None:
+        """The config of a model whose LM head has its own weight (also in a text sub-config)."""
+        config.tie_word_embeddings = False
+        if hasattr(config, "get_text_config"):
+            config.get_text_config().tie_word_embeddings = False

@@ -57,11 +57,12 @@ pipeline reads ``num_hidden_layers``/``tie_word_embeddings`` from the top-level 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
 
-from prunecomp_export.adapters.base import Adapter
+from prunecomp_export.adapters.base import Adapter, scaled
 
 
 @torch.no_grad()
@@ -81,14 +82,19 @@ def norm_gain_offset(norm: nn.Module) -> float:
 
 
 @torch.no_grad()
+def scaled_gain(weight: torch.Tensor, factor: float, offset: float) -> torch.Tensor:
+    """The stored weight of a gain (offset + w) scaled by ``factor``: factor * (offset + w) - offset,
+    in fp32, rounded once to the weight's dtype."""
+    return ((weight.float() + offset) * factor - offset).to(weight.dtype)
+
+
+@torch.no_grad()
 def scale_norm_gain_(norm: nn.Module, factor: float) -> None:
     """Scale a norm's output by ``factor``: gain (offset + w) -> factor * (offset + w), in fp32, stored
     once in the parameter's dtype. For Gemma's (1 + w): w' = factor * (1 + w) - 1."""
-    offset = norm_gain_offset(norm)
-    weight = norm.weight
-    weight.copy_(((weight.float() + offset) * factor - offset).to(weight.dtype))
+    norm.weight.copy_(scaled_gain(norm.weight, factor, norm_gain_offset(norm)))
     if getattr(norm, "bias", None) is not None:
-        norm.bias.copy_((norm.bias.float() * factor).to(norm.bias.dtype))
+        norm.bias.copy_(scaled(norm.bias, factor))
 
 
 @dataclass(frozen=True)
@@ -96,10 +102,24 @@ class GemmaAdapter(Adapter):
     """Gemma-2: the residual writers are the post-sublayer norms (see the module docstring)."""
 
     writer_paths: tuple[str, ...] = ("post_attention_layernorm", "post_feedforward_layernorm")
+    #: The gain offset of the writer norms in checkpoint tensors, where no module can be probed:
+    #: Gemma's RMSNorm computes x_hat * (1 + w) (transformers' Gemma2RMSNorm/Gemma3RMSNorm, and the
+    #: original JAX code, store the gain as an offset from 1 so zero-initialised weights are identity),
+    #: so the offset is 1 and w' = f * (1 + w) - 1. tests/test_tensor_surgery.py checks that it equals
+    #: ``norm_gain_offset`` measured on the modules.
+    gain_offset: ClassVar[float] = 1.0
 
     def scale_residual_writes(self, layer: nn.Module, factor: float) -> None:
         for norm in self.residual_writers(layer):
             scale_norm_gain_(norm, factor)
+
+    def scale_writer_tensor(self, key: str, tensor: torch.Tensor, factor: float) -> torch.Tensor | None:
+        path, _, leaf = key.rpartition(".")
+        if path not in self.writer_paths:
+            return None
+        if leaf == "weight":
+            return scaled_gain(tensor, factor, self.gain_offset)
+        return scaled(tensor, factor) if leaf == "bias" else None
 
 
 LAYER_TYPE_PATTERN = {"sliding_attention": True, "full_attention": False}
