@@ -1,0 +1,55 @@
+"""CostMeter must see a stage's real memory peak and attribute it to that stage only."""
+
+from __future__ import annotations
+
+import time
+
+import psutil
+import pytest
+
+from prunecomp_export.costs import CostMeter, StageCost
+
+MB = 1024 * 1024
+
+
+def _resident_buffer(size: int) -> bytearray:
+    buf = bytearray(size)
+    buf[::4096] = b"\x01" * len(range(0, size, 4096))  # touch every page so it is resident
+    return buf
+
+
+@pytest.mark.parametrize("earlier_peak_mb", [0, 400])
+def test_stage_peak_rss_wall_time_and_notes(earlier_peak_mb):
+    # with an earlier, higher lifetime peak (as after other tests) only the sampling thread sees the stage's
+    _resident_buffer(earlier_peak_mb * MB)  # allocated, touched and freed at once
+    meter = CostMeter()
+    start_rss = psutil.Process().memory_info().rss
+    with meter.stage("allocate") as stage:
+        buf = _resident_buffer(200 * MB)
+        stage.notes["cache"] = {"bytes": len(buf), "device": "cpu"}
+        stage.child_peak_rss_bytes = 123
+        time.sleep(0.1)  # a real stage holds its memory for longer than a few sampling intervals
+        del buf
+    with meter.stage("empty"):
+        pass
+
+    allocate, empty = meter.stages
+    assert isinstance(allocate, StageCost)
+    assert allocate.name == "allocate" and empty.name == "empty"
+    assert allocate.peak_rss_bytes - start_rss >= 150 * MB
+    assert empty.peak_rss_bytes < allocate.peak_rss_bytes
+    assert empty.peak_rss_bytes - start_rss < 100 * MB
+    assert allocate.wall_s > 0 and empty.wall_s > 0
+    assert allocate.notes == {"cache": {"bytes": 200 * MB, "device": "cpu"}}
+    assert allocate.child_peak_rss_bytes == 123 and empty.child_peak_rss_bytes is None
+    assert empty.notes == {}
+    assert meter.process_peak_rss_bytes() >= allocate.peak_rss_bytes - MB  # ru_maxrss is KiB-rounded
+
+
+def test_stage_is_recorded_when_the_block_raises():
+    meter = CostMeter()
+    with pytest.raises(ValueError), meter.stage("fails") as stage:
+        stage.notes["step"] = 1
+        raise ValueError("boom")
+    (cost,) = meter.stages
+    assert cost.name == "fails" and cost.notes == {"step": 1} and cost.peak_rss_bytes > 0
