@@ -1,20 +1,25 @@
 """``prunecomp-export RECIPE.yaml``: a thin command line over ``pipeline.run``.
 
 Exit codes: 0 done (and every sign-off threshold passed), 1 a sign-off threshold or a parity
-check failed, 2 bad input (recipe, model, missing runtime)."""
+check failed, 2 bad input (recipe, model, missing runtime), 130 interrupted (Ctrl-C or SIGTERM).
+
+Bad input ends with one line on stderr, ``prunecomp-export: error: <file or key path>: <problem>``."""
 
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import click
 
 from prunecomp_export.errors import PrunecompError
+from prunecomp_export.outputdir import WRITE_ERRNOS, handle_sigterm, write_error_message
 from prunecomp_export.registry import UnknownName
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.argument("recipe", type=click.Path(dir_okay=False))
+# Not checked by click: load_recipe reports a missing, unreadable or directory recipe in one line.
+@click.argument("recipe", type=click.Path(readable=False))
 @click.option(
     "--target",
     "-t",
@@ -45,31 +50,36 @@ def main(
     from rich.console import Console
 
     from prunecomp_export import pipeline, summary
-    from prunecomp_export.progress import RichReporter
+    from prunecomp_export.progress import Reporter, RichReporter
     from prunecomp_export.recipe import load_recipe
     from prunecomp_export.targets import TARGETS
 
     console = Console()
+    loaded = None
     try:
-        names = list(dict.fromkeys(targets))
-        for name in names:
-            TARGETS.get(name)
-        extra = [f"output.dir={output}"] if output else []
-        loaded = load_recipe(recipe, [*overrides, *extra])
-        if dry_run:
-            summary.print_dry_run(pipeline.dry_run(loaded, names), console)
-            return
-        result = pipeline.run(loaded, names, RichReporter(), bench=bench)
-        summary.print_run(result, console)
-        if serve:
-            from prunecomp_export.targets import vllm
+        with handle_sigterm():
+            names = list(dict.fromkeys(targets))
+            for name in names:
+                TARGETS.get(name)
+            # --output is a value, not YAML: `--output 2024` names the directory "2024"
+            values = [("output.dir", output)] if output is not None else []
+            loaded = load_recipe(recipe, [*overrides, *values])
+            if dry_run:
+                summary.print_dry_run(pipeline.dry_run(loaded, names, bench=bench), console)
+                return
+            # a terminal gets progress bars; a pipeline's log gets one plain, timestamped line per event
+            reporter = RichReporter() if sys.stderr.isatty() else Reporter()
+            result = pipeline.run(loaded, names, reporter, bench=bench)
+            summary.print_run(result, console)
+            if serve:
+                from prunecomp_export.targets import vllm
 
-            options = vllm.Options.model_validate(loaded.targets.get("vllm", {}))
-            code = vllm.serve(result.output / "checkpoint", options)
-            if code not in (0, 130, -2):
-                _fail(f"the vLLM server exited with code {code}", 1)
-        if not result.signoff_passed:
-            sys.exit(1)
+                options = vllm.Options.model_validate(loaded.targets.get("vllm", {}))
+                code = vllm.serve(result.output / "checkpoint", options)
+                if code not in (0, 130, -2):
+                    _fail(f"the vLLM server exited with code {code}", 1)
+            if not result.signoff_passed:
+                sys.exit(1)
     except UnknownName as exc:
         _fail(f"--target: {exc}", 2)
     except PrunecompError as exc:
@@ -78,10 +88,16 @@ def main(
         _fail(str(exc), 2)
     except KeyboardInterrupt:
         _fail("interrupted; nothing was written", 130)
+    except OSError as exc:
+        # a full disk, a read-only file system, a permission: one line; other OS errors keep their traceback
+        if exc.errno not in WRITE_ERRNOS:
+            raise
+        _fail(write_error_message(exc, Path(loaded.output.dir) if loaded else None), 2)
 
 
 def _fail(message: str, code: int) -> None:
-    click.echo(f"prunecomp-export: error: {message}", err=True)
+    """One line on stderr, whatever the message holds, then exit."""
+    click.echo(f"prunecomp-export: error: {' '.join(message.split())}", err=True)
     sys.exit(code)
 
 

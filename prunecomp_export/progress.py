@@ -4,6 +4,7 @@ one, tests and library users get plain lines on stderr."""
 from __future__ import annotations
 
 import sys
+import time
 from collections.abc import Iterable, Iterator
 from typing import TypeVar
 
@@ -11,8 +12,10 @@ T = TypeVar("T")
 
 
 class Reporter:
+    """Plain lines on stderr, each with the time of day: what a non-interactive log (CI) needs."""
+
     def log(self, message: str) -> None:
-        print(message, file=sys.stderr, flush=True)
+        print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
     def track(self, items: Iterable[T], description: str, total: int | None = None) -> Iterator[T]:
         yield from items

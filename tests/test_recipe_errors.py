@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import errno
+import os
+import random
+import signal
 import textwrap
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -25,9 +30,9 @@ output:
 """
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory) -> Path:
-    """A tiny random Llama checkpoint on disk (config + safetensors + tokenizer)."""
+    """A tiny random Llama checkpoint on disk (config + safetensors + tokenizer), 6 layers."""
     from tests.conftest import make_model
     from tests.test_checkpoint import tiny_tokenizer
 
@@ -45,43 +50,258 @@ def write(tmp_path: Path, text: str, tiny_dir: Path) -> Path:
     return path
 
 
+#: builds the recipe file for one row: (tmp_path, tiny_dir, monkeypatch) -> its path
+Builder = Callable[[Path, Path, pytest.MonkeyPatch], Path]
+
+
+def edit(old: str | None = None, new: str = "", suffix: str = "") -> Builder:
+    """The good recipe with ``old`` replaced by ``new`` once, and ``suffix`` appended."""
+
+    def build(tmp_path: Path, tiny_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+        assert old is None or old in GOOD
+        return write(tmp_path, (GOOD if old is None else GOOD.replace(old, new, 1)) + suffix, tiny_dir)
+
+    return build
+
+
+def raw(encode: Callable[[str], bytes]) -> Builder:
+    """The good recipe's text turned into the file's bytes by ``encode``."""
+
+    def build(tmp_path: Path, tiny_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+        path = write(tmp_path, GOOD, tiny_dir)
+        path.write_bytes(encode(path.read_text()))
+        return path
+
+    return build
+
+
+def a_directory(tmp_path: Path, tiny_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    path = tmp_path / "recipe.d"
+    path.mkdir()
+    return path
+
+
+def unreadable(tmp_path: Path, tiny_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    path = write(tmp_path, GOOD, tiny_dir)
+    path.chmod(0)
+    if os.geteuid() == 0:  # root reads anything: make this file's open fail as it would for a user
+        import builtins
+
+        from prunecomp_export import recipe
+
+        def deny(file, *args, **kwargs):
+            if Path(file) == path:
+                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(file))
+            return builtins.open(file, *args, **kwargs)
+
+        monkeypatch.setattr(recipe, "open", deny, raising=False)
+    return path
+
+
+# A billion laughs: 9 ** 9 "lol"s once expanded.
+BOMB = 'lol: &a ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]\n' + "".join(
+    f"lol{i}: &{chr(98 + i)} [{', '.join(['*' + chr(97 + i)] * 9)}]\n" for i in range(8)
+)
+FLOW_BOMB = "{a: &a [1, 1, 1, 1], b: &b [*a, *a, *a, *a], c: [*b, *b, *b, *b]}"
+
+# (builds the recipe file, extra CLI arguments, expected fragment of the one line; {recipe}: its path)
 CASES = [
-    # (change to the good recipe, expected fragment of the one-line message)
-    (
-        ("prune:\n  num_drop: 2", "prune:\n  num_drop: 2\n  metirc: ppl"),
-        "prune.metirc: unknown key (did you mean 'metric'?)",
+    # the recipe file itself
+    pytest.param(raw(lambda t: random.Random(0).randbytes(4096)), [], "{recipe}: contains NUL bytes", id="binary"),
+    pytest.param(raw(lambda t: (t + "# café\n").encode("latin-1")), [], "{recipe}: not UTF-8 text", id="latin-1"),
+    pytest.param(raw(lambda t: t.encode("utf-16")), [], "{recipe}: the recipe is UTF-16 text", id="utf-16-bom"),
+    pytest.param(raw(lambda t: b"[" * 20_000), [], "{recipe}: line 1, column 65: nested deeper", id="deep-20000"),
+    pytest.param(
+        edit(suffix="bench:\n  points: " + "[" * 20_000 + "]" * 20_000 + "\n"), [], "nested deeper", id="deep-in-key"
     ),
-    (("prune:\n  num_drop: 2", "prune:\n  num_drop: two"), "prune.num_drop: Input should be a valid integer"),
-    (("prune:\n  num_drop: 2", "prune:\n  num_drop: -1"), "prune.num_drop: Input should be greater than 0"),
-    (("prune:\n  num_drop: 2", "prune:\n  num_drop: 9"), "prune.num_drop: asks to remove 9 layers but the model has 6"),
-    (("prune:\n  num_drop: 2", "prune:\n  num_drop: 2\n  ratio: 0.5"), "give exactly one of prune.num_drop"),
-    (("prune:\n  num_drop: 2", "prune:\n  ratio: 1.5"), "prune.ratio: Input should be less than 1"),
-    (("prune:\n  num_drop: 2", "prune:\n  num_drop: 2\n  metric: blockinfluence"), "did you mean 'block_influence'"),
-    (("prune:\n  num_drop: 2", "prune:\n  drop_layers: [1, 7]"), "prune.drop_layers: layer 7 does not exist"),
-    (("prune:\n  num_drop: 2", "prune:\n  num_drop: 2\n  schedule: sometimes"), "prune.schedule: Input should be"),
-    (("files: [{text}]", "files: [/nonexistent/corpus.txt]"), "calibration.files.0: file not found"),
-    (("calibration:\n  source: text", "calibration:\n  source: builtin\n  corpus: wikk"), "calibration.corpus"),
-    (("source: {model}", "source: /nonexistent/model.gguf"), "model.source: file not found"),
-    (("source: {model}", "source: {model}\n  dtype: float8"), "model.dtype: Input should be"),
-    (("model:\n  source: {model}\n", ""), "model: required key is missing"),
-    (("output:", "targets:\n  onnxx: {{}}\noutput:"), "targets: Value error, unknown target 'onnxx'"),
+    pytest.param(edit(suffix=BOMB), [], "{recipe}: line 13, column 6: YAML anchors and aliases", id="alias-bomb"),
+    pytest.param(lambda tmp, *_: tmp / "nope.yaml", [], "{recipe}: recipe file not found", id="missing"),
+    pytest.param(a_directory, [], "{recipe}: is a directory, not a recipe file", id="directory"),
+    pytest.param(unreadable, [], "{recipe}: cannot read the recipe: Permission denied", id="unreadable"),
+    pytest.param(edit(suffix="#" * (1 << 20)), [], "{recipe}: the recipe is larger than 1 MiB", id="too-large"),
+    pytest.param(raw(lambda t: b""), [], "{recipe}: the recipe is empty", id="empty"),
+    pytest.param(raw(lambda t: b"a: \x01"), [], "{recipe}: not valid YAML: unacceptable character", id="control-char"),
+    pytest.param(edit("num_drop: 2", "num_drop: [2"), [], "{recipe}: not valid YAML: line 11", id="bad-yaml"),
+    pytest.param(raw(lambda t: b"- model\n"), [], "{recipe}: the recipe must be a YAML mapping", id="not-a-mapping"),
+    # keys and values
+    pytest.param(
+        edit("num_drop: 2", "num_drop: 2\n  metirc: ppl"), [], "prune.metirc: unknown key (did you mean 'metric'?)"
+    ),
+    pytest.param(edit("num_drop: 2", "num_drop: two"), [], "prune.num_drop: Input should be a valid integer"),
+    pytest.param(edit("num_drop: 2", "num_drop: -1"), [], "prune.num_drop: Input should be greater than 0"),
+    pytest.param(edit("num_drop: 2", "num_drop: 9"), [], "prune.num_drop: asks to remove 9 layers but the model has 6"),
+    pytest.param(edit("num_drop: 2", "num_drop: 2\n  ratio: 0.5"), [], "give exactly one of prune.num_drop"),
+    pytest.param(edit("num_drop: 2", "ratio: 1.5"), [], "prune.ratio: Input should be less than 1"),
+    pytest.param(edit("num_drop: 2", "num_drop: 2\n  metric: blockinfluence"), [], "did you mean 'block_influence'"),
+    pytest.param(edit("num_drop: 2", "drop_layers: [1, 7]"), [], "prune.drop_layers: layer 7 does not exist"),
+    pytest.param(edit("num_drop: 2", "drop_layers: [1, 1]"), [], "prune.drop_layers: lists layer 1 twice"),
+    pytest.param(
+        edit("num_drop: 2", "drop_layers: [1, -5]"),  # 6 layers: -5 is layer 1 (checked by engine.make_plan)
+        [],
+        "prune.drop_layers: 1 and -5 both name layer 1",
+        id="drop-layers-same-layer-twice",
+    ),
+    pytest.param(edit("num_drop: 2", "num_drop: 2\n  schedule: sometimes"), [], "prune.schedule: Input should be"),
+    pytest.param(
+        edit("files: [{text}]", "files: [/nonexistent/corpus.txt]"), [], "calibration.files.0: file not found"
+    ),
+    pytest.param(edit("source: text", "source: builtin\n  corpus: wikk"), [], "calibration.corpus"),
+    pytest.param(edit("source: {model}", "source: /nonexistent/model.gguf"), [], "model.source: file not found"),
+    pytest.param(edit("source: {model}", "source: {model}\n  dtype: float8"), [], "model.dtype: Input should be"),
+    pytest.param(edit("model:\n  source: {model}\n", ""), [], "{recipe}, model: required key is missing"),
+    pytest.param(edit("output:", "targets:\n  onnxx: {{}}\noutput:"), [], "targets: unknown target 'onnxx'"),
+    pytest.param(
+        edit("  dir: {out}", "  dir: {out}\n  max_shard_size: banana"),
+        [],
+        "output.max_shard_size: 'banana' is not a size",
+        id="max-shard-size-banana",
+    ),
+    pytest.param(
+        edit("  dir: {out}", "  dir: {out}\n  max_shard_size: 0"), [], "output.max_shard_size: 0 is not a positive"
+    ),
+    # options of targets that were not requested
+    pytest.param(
+        edit(suffix="targets:\n  vllm: {{prot: 8000}}\n"), [], "targets.vllm.prot: unknown key (did you mean 'port'?)"
+    ),
+    pytest.param(edit(suffix="targets:\n  onnx: {{dtype: fp64}}\n"), [], "targets.onnx.dtype: Input should be"),
+    pytest.param(edit(suffix="targets:\n  vllm: 3\n"), [], "targets.vllm: Input should be a valid dictionary"),
+    # flags
+    pytest.param(edit(), ["--set", "prune.num_drop=0"], "prune.num_drop: Input should be greater than 0"),
+    pytest.param(edit(), ["--set", "targets.vllm.prot=1"], "targets.vllm.prot: unknown key (did you mean 'port'?)"),
+    pytest.param(
+        edit(),
+        ["--set", "model.source.x=1"],
+        "model.source.x: --set 'model.source.x=1': model.source is a str, not a section",
+    ),
+    pytest.param(edit(), ["--set", "=1"], "--set '=1': empty key path"),
+    pytest.param(edit(), ["--set", "prune..num_drop=1"], "--set 'prune..num_drop=1': empty part in key path"),
+    pytest.param(edit(), ["--set", "prune.num_drop"], "--set 'prune.num_drop': expected key.path=value"),
+    pytest.param(edit(), ["--set", f"prune.num_drop={FLOW_BOMB}"], "YAML anchors and aliases", id="set-alias-bomb"),
+    pytest.param(edit(), ["--set", "prune.num_drop=" + "[" * 20_000], "nested deeper than 64", id="set-deep"),
+    pytest.param(edit(), ["--output", ""], "output.dir: String should have at least 1 character"),
+    pytest.param(edit(), ["--target", "vllmm"], "--target: unknown target 'vllmm' (did you mean 'vllm'?)"),
 ]
 
 
-@pytest.mark.parametrize(("change", "expected"), CASES, ids=[c[1][:40] for c in CASES])
-def test_bad_recipe_gives_one_line_and_exit_2(tmp_path, tiny_dir, change, expected):
-    old, new = change
-    assert old in GOOD
-    path = write(tmp_path, GOOD.replace(old, new, 1), tiny_dir)
-    result = CliRunner().invoke(main, [str(path), "--dry-run"])
+@pytest.mark.parametrize(("build", "args", "expected"), CASES)
+def test_bad_input_gives_one_line_and_exit_2(tmp_path, tiny_dir, monkeypatch, build, args, expected):
+    path = build(tmp_path, tiny_dir, monkeypatch)
+    before = sorted(tmp_path.rglob("*"))
+    result = CliRunner().invoke(main, [str(path), "--dry-run", *args])
+    assert isinstance(result.exception, SystemExit), result.exc_info  # no exception escaped
     assert result.exit_code == 2, result.output
-    lines = result.output.strip().splitlines()
-    assert len(lines) == 1, result.output
+    assert "Traceback" not in result.output
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and result.output.strip() == lines[0], result.output
     assert lines[0].startswith("prunecomp-export: error: ")
-    assert expected.replace("Value error, ", "") in lines[0], lines[0]
-    if "calibration" not in expected and "targets" not in expected:
-        assert str(path) in lines[0] or "model.source" in lines[0] or "prune." in lines[0]
+    assert expected.format(recipe=path) in lines[0], lines[0]
+    assert sorted(tmp_path.rglob("*")) == before  # nothing written
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("name", ["2024", "on", "null", "1e3", "[a]", "~"])
+def test_output_flag_is_a_directory_name_not_yaml(tmp_path, tiny_dir, monkeypatch, name):
+    from prunecomp_export.recipe import load_recipe
+
+    path = write(tmp_path, GOOD, tiny_dir)
+    assert load_recipe(path, [("output.dir", name)]).output.dir == name
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(main, [str(path), "--dry-run", "--output", name])
+    assert result.exit_code == 0, result.output
+    assert not (tmp_path / name).exists()
+
+
+def test_overrides_typed_values_and_yaml_text():
+    from prunecomp_export.recipe import apply_overrides
+
+    raw = {"output": {"dir": "x"}}
+    got = apply_overrides(raw, ["output.overwrite=on", "bench.points=[1, 2]", ("output.dir", "2024"), ("a.b", [1])])
+    assert got == {"output": {"dir": "2024", "overwrite": True}, "bench": {"points": [1, 2]}, "a": {"b": [1]}}
+    assert raw == {"output": {"dir": "x"}}  # a copy
+    assert apply_overrides({}, ["prune.metric=[ppl"]) == {"prune": {"metric": "[ppl"}}  # not YAML: kept as text
+
+
+@pytest.mark.parametrize(
+    ("text", "size"),
+    [("5GB", 5 * 10**9), ("500MB", 5 * 10**8), ("2GiB", 2 * 2**30), ("100KB", 10**5), ("1.5 gb", 15 * 10**8),
+     ("3TB", 3 * 10**12), ("1000", 1000), (4096, 4096), ("10b", 10)],
+)  # fmt: skip
+def test_parse_size(text, size):
+    from transformers.utils.hub import convert_file_size_to_int
+
+    from prunecomp_export.recipe import OutputSpec, parse_size
+
+    assert parse_size(text) == size
+    stored = OutputSpec(max_shard_size=text).max_shard_size
+    assert convert_file_size_to_int(stored) == size  # transformers reads the stored form as we do
+
+
+@pytest.mark.parametrize("text", ["banana", "", "5G", "-1GB", "0", 0, True, 1.5, "1e9", "GB"])
+def test_parse_size_refuses(text):
+    from prunecomp_export.recipe import parse_size
+
+    with pytest.raises(ValueError, match="size"):
+        parse_size(text)
+
+
+def test_sigterm_interrupts_the_run_in_one_line(tmp_path, tiny_dir, monkeypatch):
+    from prunecomp_export import pipeline
+
+    def terminated(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        raise AssertionError("SIGTERM did not interrupt")
+
+    def guard(signum, frame):  # without the CLI's handler this one runs: the test fails, pytest lives
+        pass
+
+    monkeypatch.setattr(pipeline, "dry_run", terminated)
+    previous = signal.signal(signal.SIGTERM, guard)
+    try:
+        result = CliRunner().invoke(main, [str(write(tmp_path, GOOD, tiny_dir)), "--dry-run"])
+        assert signal.getsignal(signal.SIGTERM) is guard  # restored
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert result.exit_code == 130, result.output
+    assert result.stderr == "prunecomp-export: error: interrupted; nothing was written\n"
+
+
+@pytest.mark.parametrize(
+    ("error", "expected"),
+    [
+        (OSError(errno.ENOSPC, "No space left on device"), "cannot write {out}: No space left on device"),
+        (OSError(errno.EROFS, "Read-only file system", "{out}/checkpoint/x"), "cannot write {out}/checkpoint/x: Read-"),
+        (
+            OSError(errno.EACCES, "Permission denied", "{tmp}/.out.tmp-1-ab/y"),
+            "cannot write {tmp}/.out.tmp-1-ab/y: Perm",
+        ),
+        (OSError(errno.EACCES, "Permission denied", "/model/config.json"), "error: /model/config.json: Permission"),
+    ],
+)
+def test_write_errors_are_one_line(tmp_path, tiny_dir, monkeypatch, error, expected):
+    from prunecomp_export import pipeline
+
+    where = {"out": tmp_path / "out", "tmp": tmp_path}
+    if error.filename:
+        error.filename = error.filename.format(**where)
+
+    def fail(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(pipeline, "dry_run", fail)
+    result = CliRunner().invoke(main, [str(write(tmp_path, GOOD, tiny_dir)), "--dry-run"])
+    assert result.exit_code == 2, result.output
+    assert len(result.stderr.splitlines()) == 1 and expected.format(**where) in result.stderr, result.stderr
+
+
+def test_other_os_errors_keep_their_traceback(tmp_path, tiny_dir, monkeypatch):
+    from prunecomp_export import pipeline
+
+    def fail(*args, **kwargs):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(pipeline, "dry_run", fail)
+    result = CliRunner().invoke(main, [str(write(tmp_path, GOOD, tiny_dir)), "--dry-run"])
+    assert isinstance(result.exception, OSError) and result.exception.errno == errno.EIO
 
 
 def test_unsupported_architecture_lists_supported_ones(tmp_path, tiny_dir):
@@ -99,14 +319,6 @@ def test_unsupported_architecture_lists_supported_ones(tmp_path, tiny_dir):
     assert result.exit_code == 2
     assert "unsupported architecture 'gpt2'" in result.output
     assert "gemma2, gemma3_text, llama, mistral, mixtral, phi3, qwen2, qwen2_moe, qwen3, qwen3_moe" in result.output
-
-
-def test_unknown_target_and_missing_file(tmp_path, tiny_dir):
-    path = write(tmp_path, GOOD, tiny_dir)
-    result = CliRunner().invoke(main, [str(path), "--target", "vllmm", "--dry-run"])
-    assert result.exit_code == 2 and "did you mean 'vllm'" in result.output
-    result = CliRunner().invoke(main, [str(tmp_path / "nope.yaml")])
-    assert result.exit_code == 2 and "nope.yaml: recipe file not found" in result.output
 
 
 def test_set_override_is_validated_like_the_file(tmp_path, tiny_dir):

@@ -1,0 +1,406 @@
+"""The output directory: refused when unsafe, locked against a second run, staged and swapped in
+atomically; faults (exceptions, failing renames, SIGTERM, killed processes) leave the old output."""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from prunecomp_export import outputdir
+from prunecomp_export.errors import RecipeError
+from prunecomp_export.outputdir import (
+    MANIFEST,
+    OutputLock,
+    check_output_dir,
+    exchange,
+    handle_sigterm,
+    staged_output,
+    write_error_message,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def previous_output(path: Path, marker: str = "old") -> Path:
+    """A directory that looks like an earlier output of this tool."""
+    path.mkdir(parents=True)
+    (path / MANIFEST).write_text(json.dumps({"marker": marker}))
+    (path / "marker").write_text(marker)
+    return path
+
+
+def leftovers(final: Path) -> list[str]:
+    """Siblings of ``final`` that this module made (staging, aside, lock)."""
+    return sorted(p.name for p in final.parent.iterdir() if p.name.startswith(f".{final.name}."))
+
+
+def dead_pid() -> int:
+    child = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    return int(child.stdout)
+
+
+def spawn(script: str, *args: str) -> subprocess.Popen:
+    """A Python child running ``script``; waits for its first line of output (its 'ready')."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    child = subprocess.Popen(
+        [sys.executable, "-c", script, *args], stdout=subprocess.PIPE, text=True, env=env, cwd=ROOT
+    )
+    child.ready = child.stdout.readline().strip()
+    assert child.ready, "the child died before it was ready"
+    return child
+
+
+# --- check_output_dir ----------------------------------------------------------------------------------
+
+
+def _setup(kind: str, tmp: Path) -> tuple[Path, list[Path]]:
+    """(out, protected) for one row; the working directory is tmp/work, the model tmp/model."""
+    model = tmp / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    out = tmp / "outputs" / "run"
+    if kind == "ours":
+        previous_output(out)
+    elif kind == "empty":
+        out.mkdir(parents=True)
+    elif kind == "foreign":
+        out.mkdir(parents=True)
+        (out / "thesis.tex").write_text("years of work")
+    elif kind == "file":
+        out.parent.mkdir()
+        out.write_text("x")
+    elif kind == "parent-file":
+        (tmp / "outputs").write_text("x")
+    elif kind == "cwd":
+        out = tmp / "work"
+    elif kind == "cwd-ancestor":
+        out = tmp
+    elif kind == "model":
+        out = model
+    elif kind == "model-ancestor":
+        out = tmp
+    elif kind == "in-model":
+        out = model / "pruned"
+    elif kind == "symlink-to-model":
+        (tmp / "link").symlink_to(model)
+        out = tmp / "link"
+    return out, [model]
+
+
+CHECKS = [
+    # (row, overwrite, expected fragment of the message; None: accepted)
+    ("new", False, None),
+    ("ours", True, None),
+    ("empty", True, None),
+    ("ours", False, "exists (set output.overwrite: true to replace it)"),
+    ("empty", False, "exists (set output.overwrite: true"),
+    ("foreign", True, "is not empty and holds no prunecomp_manifest.json"),
+    ("foreign", False, "not an output of prunecomp-export"),
+    ("file", True, "exists and is not a directory"),
+    ("parent-file", False, "outputs is not a directory"),
+    ("cwd", True, "is or contains the current directory"),
+    ("cwd-ancestor", True, "is or contains the current directory"),
+    ("model", True, "is or contains the model source"),
+    ("in-model", True, "is inside the model source"),
+    ("symlink-to-model", True, "is or contains the model source"),
+]
+
+
+@pytest.mark.parametrize(("kind", "overwrite", "expected"), CHECKS)
+def test_check_output_dir(tmp_path, monkeypatch, kind, overwrite, expected):
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")
+    out, protected = _setup(kind, tmp_path)
+    before = sorted(tmp_path.rglob("*"))
+    if expected is None:
+        check_output_dir(out, overwrite=overwrite, protected=protected)
+    else:
+        with pytest.raises(RecipeError, match=r"^output\.dir: ") as caught:
+            check_output_dir(out, overwrite=overwrite, protected=protected)
+        assert caught.value.key == "output.dir" and expected in str(caught.value)
+    assert sorted(tmp_path.rglob("*")) == before  # writes nothing
+
+
+def test_check_output_dir_model_inside_output(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    model = tmp_path / "outputs" / "run" / "model.gguf"
+    model.parent.mkdir(parents=True)
+    model.write_text("gguf")
+    with pytest.raises(RecipeError, match="is or contains the model source"):
+        check_output_dir(tmp_path / "outputs", overwrite=True, protected=[model])
+
+
+def test_check_output_dir_parent_not_writable(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real = os.access
+    monkeypatch.setattr(outputdir.os, "access", lambda p, mode: False if Path(p) == locked else real(p, mode))
+    with pytest.raises(RecipeError, match=f"{locked} is not writable"):
+        check_output_dir(locked / "a" / "run", overwrite=False, protected=[])  # the nearest existing ancestor
+
+
+# --- OutputLock ----------------------------------------------------------------------------------------
+
+
+def test_lock_refuses_a_second_run_and_is_removed(tmp_path):
+    out = tmp_path / "run"
+    with OutputLock(out) as lock:
+        assert lock.path == tmp_path / ".run.lock" and lock.path.read_text() == f"{os.getpid()}\n"
+        with pytest.raises(
+            RecipeError, match=rf"output.dir: .*run is being written by another run \(pid {os.getpid()}\)"
+        ):
+            OutputLock(out).__enter__()
+    assert not lock.path.exists()
+    with OutputLock(out):  # free again
+        pass
+    assert leftovers(out) == []
+
+
+LOCK_HOLDER = """
+import sys, time
+from pathlib import Path
+from prunecomp_export.outputdir import OutputLock
+with OutputLock(Path(sys.argv[1])):
+    print("locked", flush=True)
+    time.sleep(120)
+"""
+
+
+def test_lock_held_by_another_process_then_released_when_it_is_killed(tmp_path):
+    out = tmp_path / "run"
+    child = spawn(LOCK_HOLDER, str(out))
+    try:
+        with pytest.raises(RecipeError, match=rf"another run \(pid {child.pid}\)"):
+            OutputLock(out).__enter__()
+    finally:
+        child.kill()
+        child.wait()
+    assert (tmp_path / ".run.lock").exists()  # a killed run cannot clean up: its file stays, its lock does not
+    with OutputLock(out) as lock:
+        assert lock.path.read_text() == f"{os.getpid()}\n"
+
+
+def test_lock_retries_when_the_holder_removed_the_file_meanwhile(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    real_open = os.open
+    calls = []
+
+    def open_then_lose_it(path, flags, mode=0o777):
+        fd = real_open(path, flags, mode)
+        calls.append(path)
+        if len(calls) == 1:  # the previous holder releases (removing the file) right after our open
+            os.unlink(path)
+        return fd
+
+    monkeypatch.setattr(outputdir.os, "open", open_then_lose_it)
+    with OutputLock(out) as lock:
+        assert len(calls) == 2
+        assert os.stat(lock.path).st_ino == os.fstat(lock._fd).st_ino
+
+
+# --- staged_output -------------------------------------------------------------------------------------
+
+
+def exchange_works(tmp_path: Path) -> bool:
+    (tmp_path / "x1").mkdir()
+    (tmp_path / "x2").mkdir()
+    try:
+        return exchange(tmp_path / "x1", tmp_path / "x2")
+    finally:
+        os.rmdir(tmp_path / "x1")
+        os.rmdir(tmp_path / "x2")
+
+
+def test_staged_output_new(tmp_path):
+    final = tmp_path / "sub" / "run"
+    with staged_output(final, overwrite=False) as stage:
+        assert stage.parent == final.parent and stage.name.startswith(f".run.tmp-{os.getpid()}-")
+        (stage / "marker").write_text("new")
+        assert not final.exists()
+    assert (final / "marker").read_text() == "new" and leftovers(final) == []
+
+
+def test_staged_output_refuses_existing_without_overwrite(tmp_path):
+    final = previous_output(tmp_path / "run")
+    with pytest.raises(RecipeError, match="exists"), staged_output(final, overwrite=False):
+        raise AssertionError("not reached")
+    assert (final / "marker").read_text() == "old" and leftovers(final) == []
+
+
+@pytest.mark.parametrize("error", [RuntimeError("boom"), KeyboardInterrupt(), OSError(errno.ENOSPC, "No space")])
+def test_failure_inside_the_block_leaves_the_old_output(tmp_path, error):
+    final = previous_output(tmp_path / "run")
+    with pytest.raises(type(error)), staged_output(final, overwrite=True) as stage:
+        (stage / "marker").write_text("half")
+        raise error
+    assert (final / "marker").read_text() == "old" and leftovers(final) == []
+
+
+def test_replacement_is_one_exchange_with_something_complete_always_at_final(tmp_path, monkeypatch):
+    if not exchange_works(tmp_path):
+        pytest.skip("renameat2(RENAME_EXCHANGE) is not supported here")
+    final = previous_output(tmp_path / "run")
+
+    def no_rename(*args):
+        raise AssertionError("a plain rename would leave a moment with nothing at the output")
+
+    seen_while_deleting = []
+    real_rmtree = outputdir.shutil.rmtree
+
+    def rmtree(path, *args, **kwargs):
+        seen_while_deleting.append(((final / "marker").read_text(), (Path(path) / "marker").read_text()))
+        real_rmtree(path, *args, **kwargs)
+
+    with staged_output(final, overwrite=True) as stage:
+        (stage / "marker").write_text("new")
+        monkeypatch.setattr(outputdir.os, "rename", no_rename)
+        monkeypatch.setattr(outputdir.os, "replace", no_rename)
+        monkeypatch.setattr(outputdir.shutil, "rmtree", rmtree)
+    assert seen_while_deleting == [("new", "old")]  # the old output is deleted after the new one is in place
+    assert (final / "marker").read_text() == "new" and leftovers(final) == []
+
+
+def test_a_failing_exchange_leaves_the_old_output(tmp_path, monkeypatch):
+    final = previous_output(tmp_path / "run")
+
+    def fail(a, b):
+        raise OSError(errno.EACCES, "Permission denied", str(b))
+
+    monkeypatch.setattr(outputdir, "exchange", fail)
+    with pytest.raises(PermissionError), staged_output(final, overwrite=True) as stage:
+        (stage / "marker").write_text("new")
+    assert (final / "marker").read_text() == "old" and leftovers(final) == []
+
+
+def test_fallback_without_renameat2(tmp_path, monkeypatch):
+    monkeypatch.setattr(outputdir, "_renameat2", lambda: None)
+    final = previous_output(tmp_path / "run")
+    with staged_output(final, overwrite=True) as stage:
+        (stage / "marker").write_text("new")
+    assert (final / "marker").read_text() == "new" and leftovers(final) == []
+
+
+def test_fallback_failing_between_the_renames_puts_the_old_output_back(tmp_path, monkeypatch):
+    monkeypatch.setattr(outputdir, "exchange", lambda a, b: False)
+    final = previous_output(tmp_path / "run")
+    real_rename = os.rename
+    calls = []
+
+    def rename(src, dst):
+        calls.append((Path(src).name, Path(dst).name))
+        if len(calls) == 2:  # the old output is aside; the new one cannot come in
+            raise OSError(errno.ENOSPC, "No space left on device", str(dst))
+        real_rename(src, dst)
+
+    monkeypatch.setattr(outputdir.os, "rename", rename)
+    with pytest.raises(OSError, match="No space"), staged_output(final, overwrite=True) as stage:
+        (stage / "marker").write_text("new")
+    assert calls[0][0] == "run" and calls[0][1].startswith(".run.old-") and calls[1][1] == "run"
+    assert (final / "marker").read_text() == "old" and leftovers(final) == []
+
+
+@pytest.mark.parametrize("code", [errno.EINVAL, errno.ENOSYS])
+def test_exchange_unsupported_by_the_file_system_falls_back(tmp_path, monkeypatch, code):
+    def renameat2(*args):
+        ctypes.set_errno(code)
+        return -1
+
+    monkeypatch.setattr(outputdir, "_renameat2", lambda: renameat2)
+    assert exchange(tmp_path / "a", tmp_path / "b") is False
+    final = previous_output(tmp_path / "run")
+    with staged_output(final, overwrite=True) as stage:
+        (stage / "marker").write_text("new")
+    assert (final / "marker").read_text() == "new" and leftovers(final) == []
+
+
+def test_stale_staging_of_dead_runs_is_removed(tmp_path):
+    final = tmp_path / "run"
+    dead, alive = dead_pid(), os.getpid()
+    stale = [tmp_path / f".run.tmp-{dead}-0a1b2c3d", tmp_path / f".run.tmp-{dead}-ff"]
+    kept = [tmp_path / f".run.tmp-{alive}-0a1b2c3d", tmp_path / f".other.tmp-{dead}-0a1b2c3d", tmp_path / ".run.tmp-x"]
+    for path in stale + kept:
+        path.mkdir()
+        (path / "junk").write_text("x")
+    with staged_output(final, overwrite=False) as stage:
+        assert not any(p.exists() for p in stale) and all(p.exists() for p in kept)
+        (stage / "marker").write_text("new")
+    assert (final / "marker").read_text() == "new"
+
+
+STAGER = """
+import sys, time
+from pathlib import Path
+from prunecomp_export.outputdir import handle_sigterm, staged_output
+try:
+    with handle_sigterm(), staged_output(Path(sys.argv[1]), overwrite=True) as stage:
+        (stage / "marker").write_text("half")
+        print(stage, flush=True)
+        time.sleep(120)
+except KeyboardInterrupt:
+    sys.exit(130)
+"""
+
+
+def test_sigterm_removes_the_staging_and_keeps_the_old_output(tmp_path):
+    final = previous_output(tmp_path / "run")
+    child = spawn(STAGER, str(final))
+    assert Path(child.ready).is_dir()
+    child.send_signal(signal.SIGTERM)
+    assert child.wait(timeout=60) == 130
+    assert not Path(child.ready).exists() and leftovers(final) == []
+    assert (final / "marker").read_text() == "old"
+
+
+def test_a_killed_run_leaves_stale_staging_that_the_next_run_removes(tmp_path):
+    final = previous_output(tmp_path / "run")
+    child = spawn(STAGER, str(final))
+    child.kill()
+    child.wait()
+    staging = Path(child.ready)
+    assert staging.is_dir() and (final / "marker").read_text() == "old"
+    with staged_output(final, overwrite=True) as stage:
+        assert not staging.exists()
+        (stage / "marker").write_text("new")
+    assert (final / "marker").read_text() == "new" and leftovers(final) == []
+
+
+# --- handle_sigterm, write errors ----------------------------------------------------------------------
+
+
+@pytest.fixture
+def sigterm_guard():
+    """A SIGTERM handler that only records, so a missing handle_sigterm fails the test, not pytest."""
+    received = []
+
+    def guard(signum, frame):
+        received.append(signum)
+
+    previous = signal.signal(signal.SIGTERM, guard)
+    yield guard
+    signal.signal(signal.SIGTERM, previous)
+
+
+def test_handle_sigterm_raises_keyboard_interrupt_and_restores_the_handler(sigterm_guard):
+    with pytest.raises(KeyboardInterrupt), handle_sigterm():
+        os.kill(os.getpid(), signal.SIGTERM)  # the handler runs before the next line
+        raise AssertionError("SIGTERM did not interrupt")
+    assert signal.getsignal(signal.SIGTERM) is sigterm_guard
+
+
+def test_write_error_message(tmp_path):
+    out = tmp_path / "run"
+    full = OSError(errno.ENOSPC, "No space left on device")
+    assert write_error_message(full, out) == f"cannot write {out}: No space left on device"
+    staged = OSError(errno.EACCES, "Permission denied", str(tmp_path / ".run.tmp-1-ab" / "x"))
+    assert write_error_message(staged, out) == f"cannot write {staged.filename}: Permission denied"
+    elsewhere = OSError(errno.EACCES, "Permission denied", "/model/config.json")
+    assert write_error_message(elsewhere, out) == "/model/config.json: Permission denied"
