@@ -32,7 +32,7 @@ def vllm_version() -> str | None:
 @pytest.fixture(scope="session")
 def smollm2_demo_run(tmp_path_factory) -> pipeline.RunResult:
     output = tmp_path_factory.mktemp("demo") / "out"
-    recipe = load_recipe(DEMO, [f"output.dir={output}"])
+    recipe = load_recipe(DEMO, [("output.dir", str(output))])
     return pipeline.run(recipe, ["hf"])
 
 

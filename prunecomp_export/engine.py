@@ -7,7 +7,7 @@ replayed on the dense model to rebuild the checkpoint at any number of removed l
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 from torch import nn
@@ -15,12 +15,15 @@ from torch import nn
 from prunecomp_export.adapters import Adapter
 from prunecomp_export.compensation import FoldForm, fold, magnitude_gap
 from prunecomp_export.errors import RecipeError
+from prunecomp_export.layerwise import LayerwiseModel
 from prunecomp_export.metrics import METRICS, Metric, MetricContext, contiguous_cosine_blocks
 from prunecomp_export.progress import Reporter
 from prunecomp_export.recipe import PruneSpec
 from prunecomp_export.registry import UnknownName
+from prunecomp_export.stream_cache import StreamCache
 from prunecomp_export.streams import ResidualStreams
 from prunecomp_export.surgery import delete_layers
+from prunecomp_export.variant import Variant, dense_variant, variant_after
 
 
 @dataclass(frozen=True)
@@ -103,6 +106,12 @@ def make_plan(spec: PruneSpec, num_layers: int, tied: bool) -> Plan:
     drop_layers = None
     if spec.drop_layers is not None:
         drop_layers = tuple(_normalise(i, num_layers, "prune.drop_layers") for i in spec.drop_layers)
+        if len(set(drop_layers)) != len(drop_layers):
+            twice = next(i for i in drop_layers if drop_layers.count(i) > 1)
+            given = [g for g, i in zip(spec.drop_layers, drop_layers, strict=True) if i == twice]
+            raise RecipeError(
+                f"{' and '.join(map(str, given))} both name layer {twice} of {num_layers}", key="prune.drop_layers"
+            )
         if clash := sorted(set(drop_layers) & protected):
             raise RecipeError(f"layers {clash} are protected", key="prune.drop_layers")
         num_drop = len(drop_layers)
@@ -141,49 +150,53 @@ def _normalise(index: int, num_layers: int, key: str) -> int:
 
 
 def prune(
-    model: nn.Module,
-    adapter: Adapter,
+    model: LayerwiseModel,
     batches: list[torch.Tensor],
     plan: Plan,
     schedule: str,
+    cache: StreamCache,
     reporter: Reporter | None = None,
 ) -> Trajectory:
-    """Remove ``plan.num_drop`` layers from ``model`` in place and return the trajectory."""
-    if plan.untie:
-        adapter.untie_embeddings(model)
+    """Choose and remove ``plan.num_drop`` layers of the source model; the model is run layer by
+    layer over cached calibration streams and never changed: the result is the trajectory."""
     reporter = reporter or Reporter()
-    streams = ResidualStreams(model, adapter, batches)
+    dense = replace(dense_variant(plan.num_layers), untie=plan.untie)
+    streams = ResidualStreams(model, batches, cache, dense)
     streams.capture(reporter)
     trajectory = Trajectory(plan.metric.name, schedule, plan.fold_form, plan.untie, streams.lm_loss())
-    original = list(range(plan.num_layers))  # original index of each current layer
     if schedule == "one_shot":
-        _one_shot(streams, plan, original, trajectory)
+        _one_shot(streams, plan, trajectory)
     else:
-        for number in reporter.track(range(plan.num_drop), "pruning rounds"):
-            _one_round(streams, plan, original, trajectory, number)
+        for number in range(plan.num_drop):
+            _one_round(streams, plan, trajectory, number)
+            last = trajectory.rounds[-1]
+            reporter.log(
+                f"round {number + 1}/{plan.num_drop}: removed layer {last.step.removed[0]} (alpha "
+                f"{last.step.alpha:.4f}), calibration loss {last.calibration_loss:.4f}, "
+                f"{last.layer_forwards / last.full_forward_layer_forwards:.2f}x a full forward"
+            )
     return trajectory
 
 
-def _candidates(plan: Plan, original: list[int]) -> frozenset[int]:
+def _candidates(plan: Plan, original: tuple[int, ...]) -> frozenset[int]:
     return frozenset(k for k, o in enumerate(original) if o not in plan.protected)
 
 
-def _one_round(streams: ResidualStreams, plan: Plan, original: list[int], trajectory: Trajectory, number: int) -> None:
+def _one_round(streams: ResidualStreams, plan: Plan, trajectory: Trajectory, number: int) -> None:
     start = streams.layer_forwards
-    candidates = _candidates(plan, original)
+    scored = list(streams.variant.kept)
+    candidates = _candidates(plan, streams.variant.kept)
     scores = plan.metric.score(MetricContext(streams, candidates))
     if plan.drop_layers is not None:
-        index = original.index(plan.drop_layers[number])
+        index = scored.index(plan.drop_layers[number])
     else:
         index = min(candidates, key=lambda k: scores[k])
     alpha = _alpha(streams, plan, index, 1)
-    scored = list(original)
-    removed = original[index]
-    _remove(streams, plan, original, index, 1, alpha)
+    _remove(streams, plan, trajectory, index, 1, alpha)
     trajectory.rounds.append(
         Round(
             number + 1,
-            Step([removed], alpha),
+            Step([scored[index]], alpha),
             scored,
             scores,
             streams.lm_loss(),
@@ -200,13 +213,16 @@ def _alpha(streams: ResidualStreams, plan: Plan, index: int, count: int) -> floa
     return magnitude_gap(streams.boundary(index), streams.boundary(index + count))
 
 
-def _remove(streams: ResidualStreams, plan: Plan, original: list[int], index: int, count: int, alpha: float) -> None:
-    delete_layers(streams.adapter, streams.model, index, count)
-    del original[index : index + count]
-    if plan.fold_form is not None:
-        fold(streams.adapter, streams.model, index, alpha, plan.fold_form)
-    scale = alpha if plan.fold_form == "pre_gap" and index < streams.num_layers else 1.0
-    streams.after_removal(index, count, scale_before=scale)
+def variant_of(name: str, plan: Plan, steps: list[Step]) -> Variant:
+    return variant_after(name, plan.num_layers, [(s.removed, s.alpha) for s in steps], plan.fold_form, plan.untie)
+
+
+def _remove(streams: ResidualStreams, plan: Plan, trajectory: Trajectory, index: int, count: int, alpha: float) -> None:
+    step = Step(list(streams.variant.kept[index : index + count]), alpha)
+    variant = variant_of("prunecomp", plan, [*trajectory.steps, step])
+    gap_inside = index < len(variant.kept)
+    scale = alpha if plan.fold_form == "pre_gap" and gap_inside else 1.0
+    streams.after_removal(index, count, variant, scale_before=scale)
 
 
 def one_shot_choice(plan: Plan, scores: list[float], candidates: frozenset[int], count: int | None = None) -> list[int]:
@@ -239,12 +255,13 @@ def steps_for(trajectory: Trajectory, layers_removed: int) -> list[Step] | None:
     return steps if removed == layers_removed else None
 
 
-def _one_shot(streams: ResidualStreams, plan: Plan, original: list[int], trajectory: Trajectory) -> None:
+def _one_shot(streams: ResidualStreams, plan: Plan, trajectory: Trajectory) -> None:
     """All layers chosen from the dense model's scores; one alpha per contiguous run, measured on
     the dense model (the paper's one-shot rows and the LLM-Streamline block). The streams are
     captured again once at the end, for the calibration loss."""
     start = streams.layer_forwards
-    candidates = _candidates(plan, original)
+    scored = list(streams.variant.kept)
+    candidates = _candidates(plan, streams.variant.kept)
     scores = plan.metric.score(MetricContext(streams, candidates))
     if plan.metric.block and plan.drop_layers is None:
         blocks = contiguous_cosine_blocks(streams, plan.num_drop)
@@ -253,11 +270,8 @@ def _one_shot(streams: ResidualStreams, plan: Plan, original: list[int], traject
         chosen = list(range(first, first + plan.num_drop))
     else:
         chosen = one_shot_choice(plan, scores, candidates)
-    runs = _contiguous_runs(chosen)
-    steps = [Step(run, _alpha(streams, plan, run[0], len(run))) for run in runs]
-    scored = list(original)
-    apply_steps(streams.model, streams.adapter, steps, plan.fold_form)
-    original[:] = [o for o in original if o not in chosen]
+    steps = [Step(run, _alpha(streams, plan, run[0], len(run))) for run in _contiguous_runs(chosen)]
+    streams.variant = variant_of("prunecomp", plan, steps)
     streams.capture()
     for number, step in enumerate(steps):
         first_round = number == 0

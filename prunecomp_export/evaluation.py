@@ -7,20 +7,23 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
-
-from torch import nn
+from typing import TYPE_CHECKING
 
 from prunecomp_export import calibration, corpus
 from prunecomp_export.errors import RecipeError
-from prunecomp_export.perplexity import PROTOCOL as PPL_PROTOCOL
-from prunecomp_export.perplexity import perplexity
+from prunecomp_export.loading import cache_root
 from prunecomp_export.progress import Reporter
 from prunecomp_export.recipe import EvaluationSpec
+from prunecomp_export.variant import Variant
+
+if TYPE_CHECKING:
+    from prunecomp_export.models import ModelVariants
 
 VARIANTS = ("dense", "baseline", "prunecomp")
+#: token-level perplexity with the paper's protocol; lm-evaluation-harness's ``wikitext`` task reports
+#: word and byte perplexity per document, a different number
+PPL_PROTOCOL = "token perplexity: joined with '\\n\\n', tokenized once, non-overlapping windows, exp(mean NLL)"
 
 
 @dataclass
@@ -44,6 +47,7 @@ class Evaluator:
         self.tokenizer = tokenizer
         self.reporter = reporter
         self.windows = {}
+        self.child_peak_rss_bytes = 0
         if spec.perplexity is not None:
             for index, name in enumerate(spec.perplexity.corpora):
                 key = f"evaluation.perplexity.corpora.{index}"
@@ -86,33 +90,40 @@ class Evaluator:
             **self.spec.qa.model_dump(),
         }
 
-    def evaluate(self, model: nn.Module, variant: str, layers_removed: int) -> list[Measurement]:
+    def evaluate(self, variants: ModelVariants, variant: Variant) -> list[Measurement]:
+        """Every figure of one variant: perplexity run layer by layer from the source files, QA by
+        lm-eval on the variant written as a plain checkpoint (in a child process)."""
         rows = []
+        k = variant.layers_removed
+        details = {"removed": variant.removed} if variant.name == "baseline" else {}
         for name, windows in self.windows.items():
-            value = perplexity(model, windows, self.spec.perplexity.batch_size, self.reporter)
-            self.reporter.log(f"{variant} ({layers_removed} removed) perplexity on {name}: {value:.2f}")
-            rows.append(Measurement(variant, layers_removed, "perplexity", name, value))
+            value = variants.perplexity(variant, windows, self.spec.perplexity.batch_size)
+            self.reporter.log(f"{variant.name} ({k} removed) perplexity on {name}: {value:.2f}")
+            rows.append(Measurement(variant.name, k, "perplexity", name, value, dict(details)))
         if self.spec.qa is not None:
-            rows.extend(self._qa(model, variant, layers_removed))
+            rows.extend(self._qa(variants, variant, details))
         return rows
 
-    def _qa(self, model: nn.Module, variant: str, layers_removed: int) -> list[Measurement]:
+    def _qa(self, variants: ModelVariants, variant: Variant, details: dict) -> list[Measurement]:
         """lm-eval scores the checkpoint as users will load it: a plain directory on disk."""
         from prunecomp_export import qa
-        from prunecomp_export.checkpoint import save_checkpoint
+        from prunecomp_export.child import run_in_child
 
         spec = self.spec.qa
-        with tempfile.TemporaryDirectory(prefix="prunecomp-qa-") as directory:
-            save_checkpoint(model, self.tokenizer, Path(directory))
-            dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
-            result = qa.evaluate_qa(
-                Path(directory), spec.tasks, limit=spec.limit, batch_size=spec.batch_size, dtype=dtype
-            )
+        dtype = str(variants.model.dtype).removeprefix("torch.")
+        with variants.materialised(variant) as directory:
+            child = run_in_child(
+                "prunecomp_export.qa:evaluate_qa",
+                {"model_dir": str(directory), "tasks": spec.tasks, "limit": spec.limit,
+                 "batch_size": spec.batch_size, "dtype": dtype, "device": str(variants.model.device)},
+            )  # fmt: skip
+        self.child_peak_rss_bytes = max(self.child_peak_rss_bytes, child.peak_rss_bytes)
         rows = []
-        for task, score in qa.task_scores(result).items():
-            self.reporter.log(f"{variant} ({layers_removed} removed) accuracy on {task}: {score['acc']:.3f}")
-            details = {"n": score["n"], "stderr": score["acc_stderr"], "chance": score["chance"]}
-            rows.append(Measurement(variant, layers_removed, "accuracy", task, score["acc"], details))
+        k = variant.layers_removed
+        for task, score in qa.task_scores(child.value).items():
+            self.reporter.log(f"{variant.name} ({k} removed) accuracy on {task}: {score['acc']:.3f}")
+            row_details = {**details, "n": score["n"], "stderr": score["acc_stderr"], "chance": score["chance"]}
+            rows.append(Measurement(variant.name, k, "accuracy", task, score["acc"], row_details))
         return rows
 
 
@@ -124,8 +135,7 @@ class DenseCache:
         self.path = None
         if enabled and model_sha256:
             key = hashlib.sha256(json.dumps([model_sha256, protocol], sort_keys=True).encode()).hexdigest()[:24]
-            root = Path(os.environ.get("PRUNECOMP_CACHE", Path.home() / ".cache" / "prunecomp_export"))
-            self.path = root / "dense" / f"{key}.json"
+            self.path = cache_root() / "dense" / f"{key}.json"
 
     def load(self) -> list[Measurement] | None:
         if self.path is None or not self.path.is_file():

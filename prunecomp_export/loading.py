@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -82,32 +83,102 @@ def load_config(source: ResolvedSource, spec: ModelSpec):
         raise ModelError(f"cannot read the model config from {source.description}: {_first_line(exc)}") from None
 
 
-def load_model(source: ResolvedSource, spec: ModelSpec):
-    """Load the causal LM in eval mode with safetensors only, and its tokenizer."""
+def compute_dtype(spec: ModelSpec, config):
+    """The recipe's dtype, or the checkpoint's own (``auto``; float32 when the config names none)."""
+    import torch
+
+    if spec.dtype != "auto":
+        return getattr(torch, spec.dtype)
+    named = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(named, torch.dtype):
+        return named
+    return getattr(torch, str(named)) if isinstance(named, str) and hasattr(torch, str(named)) else torch.float32
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("PRUNECOMP_CACHE", Path.home() / ".cache" / "prunecomp_export"))
+
+
+def local_checkpoint(source: ResolvedSource, spec: ModelSpec, identity: dict, log) -> tuple[Path, float | None]:
+    """A plain safetensors directory holding the source: the directory itself, a hub snapshot, or,
+    for GGUF, the weights dequantised once into a cache keyed by the file's hash (in a child process,
+    so the quantised and dequantised copies never sit in this process). Returns the directory and
+    the child's peak RSS when one ran."""
+    if source.gguf_file is None:
+        if source.local:
+            return Path(source.location), None
+        return _hub_snapshot(source, spec), None
+    from prunecomp_export.child import run_in_child
+
+    dtype = "float32" if spec.dtype == "auto" else spec.dtype
+    directory = cache_root() / "gguf" / f"{identity['sha256'][:24]}-{dtype}"
+    if (directory / "config.json").is_file():
+        log(f"dequantised GGUF reused from {directory}")
+        return directory, None
+    log(f"dequantising {source.gguf_file} once into {directory}")
+    result = run_in_child(
+        "prunecomp_export.loading:dequantize_gguf",
+        {"location": source.location, "gguf_file": source.gguf_file, "dtype": dtype, "directory": str(directory)},
+    )
+    return directory, result.peak_rss_bytes
+
+
+def dequantize_gguf(location: str, gguf_file: str, dtype: str, directory: str) -> None:
+    """Load a GGUF model with transformers (which dequantises it) and save it as plain safetensors."""
+    import json
+    import shutil
+    import uuid
+
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    kwargs = source.load_kwargs(spec)
+    from prunecomp_export.checkpoint import compatible_config
+
+    final = Path(directory)
+    staging = final.parent / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source.location, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(
-            source.location,
-            dtype=getattr(torch, spec.dtype),
-            attn_implementation=spec.attn_implementation,
-            use_safetensors=None if source.gguf_file else True,
-            **kwargs,
-        )
+        tokenizer = AutoTokenizer.from_pretrained(location, gguf_file=gguf_file)
+        model = AutoModelForCausalLM.from_pretrained(location, gguf_file=gguf_file, dtype=getattr(torch, dtype))
     except (OSError, ValueError, KeyError) as exc:
-        raise ModelError(f"cannot load the model from {source.description}: {_first_line(exc)}") from None
-    model.eval()
-    if source.gguf_file:
-        # GGUF weights are dequantized to plain tensors on load, but transformers keeps the GGUF
-        # "quantizer" and its config note, which would make the model refuse save_pretrained and
-        # the saved config claim a quantization it no longer has.
-        model.hf_quantizer = None
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-    return model, tokenizer
+        raise ModelError(f"cannot load the GGUF model {gguf_file}: {_first_line(exc)}") from None
+    # transformers keeps the GGUF "quantizer" and its config note after dequantising, which would
+    # make save_pretrained refuse and the saved config claim a quantization it no longer has.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    try:
+        model.save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
+        config_path = staging / "config.json"
+        config_path.write_text(json.dumps(compatible_config(json.loads(config_path.read_text())), indent=2) + "\n")
+        final.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(staging, final)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _hub_snapshot(source: ResolvedSource, spec: ModelSpec) -> Path:
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(
+            snapshot_download(
+                source.location,
+                revision=spec.revision,
+                allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.jinja"],
+            )
+        )
+    except Exception as exc:  # the hub client raises many types; the user needs the first line
+        raise ModelError(f"cannot download {source.description}: {_first_line(exc)}") from None
+
+
+def load_tokenizer(directory: Path, spec: ModelSpec):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(directory, trust_remote_code=spec.trust_remote_code)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelError(f"cannot load the tokenizer from {directory}: {_first_line(exc)}") from None
 
 
 def source_identity(source: ResolvedSource) -> dict:

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from prunecomp_export.registry import Registry
-from prunecomp_export.streams import ResidualStreams, token_nll
+from prunecomp_export.streams import ResidualStreams
 
 
 @dataclass(frozen=True)
@@ -19,14 +19,6 @@ class MetricContext:
     streams: ResidualStreams
     #: current layer indices that may be removed; others need no score
     candidates: frozenset[int]
-
-    @property
-    def model(self):
-        return self.streams.model
-
-    @property
-    def adapter(self):
-        return self.streams.adapter
 
 
 @dataclass(frozen=True)
@@ -82,57 +74,56 @@ def layer_bypass_loss(ctx: MetricContext) -> list[float]:
     s = ctx.streams
     scores = [math.nan] * s.num_layers
     for k in sorted(ctx.candidates):
-        total, count = 0.0, 0
-        for b, input_ids in enumerate(s.batches):
-            hidden = s.run_layers(b, k + 1, s.states[b][k])
-            nll, n = token_nll(s.model, s.adapter, hidden, input_ids)
-            total, count = total + nll, count + n
-        scores[k] = total / count
+        scores[k] = s.lm_loss(s.final_streams_from(k, k + 1))
     return scores
 
 
-def _block_parameters(layer: torch.nn.Module) -> list[torch.nn.Parameter]:
-    """The block's matrices and norm vectors (every parameter of the decoder layer)."""
-    return list(layer.parameters())
+def _l1_grad_product(layer: torch.nn.Module) -> float:
+    params = [p for p in layer.parameters() if p.grad is not None]
+    return sum((p.detach().float() * p.grad.float()).abs().sum().item() for p in params)
 
 
 def taylor_plus(ctx: MetricContext) -> list[float]:
-    """Shortened-LLaMA Taylor+: per block, sum over its parameters of |w * dL/dw|, with the
-    gradient accumulated over the calibration samples."""
-    model, layers = ctx.model, ctx.adapter.layers(ctx.model)
-    params = [p for layer in layers for p in _block_parameters(layer)]
-    previous = [p.requires_grad for p in model.parameters()]
-    model.zero_grad(set_to_none=True)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for p in params:
-        p.requires_grad_(True)
-    try:
-        with torch.enable_grad():
-            for input_ids in ctx.streams.batches:
-                model(input_ids=input_ids, labels=input_ids, use_cache=False).loss.backward()
-                ctx.streams.layer_forwards += 3 * len(layers)  # forward + backward ~ 3 forwards
-        scores = []
-        for layer in layers:
-            total = 0.0
-            for p in _block_parameters(layer):
-                if p.grad is not None:
-                    total += (p.detach().float() * p.grad.float()).abs().sum().item()
-            scores.append(total)
-    finally:
-        model.zero_grad(set_to_none=True)
-        for p, flag in zip(model.parameters(), previous, strict=True):
-            p.requires_grad_(flag)
+    """Shortened-LLaMA Taylor+: per block, sum over its parameters of |w * dL/dw|, with the gradient
+    of each batch's mean next-token loss accumulated over the calibration batches.
+
+    Backpropagated one layer at a time from the cached streams (each layer's forward is recomputed
+    with gradients on), so the whole model never needs to be resident."""
+    s = ctx.streams
+    grads: list[torch.Tensor] = []
+    with s.model.head(s.variant.embedding_scale, s.variant.untie) as logits_of, torch.enable_grad():
+        for input_ids, hidden in zip(s.batches, s.boundary(s.num_layers), strict=True):
+            hidden = hidden.detach().requires_grad_(True)
+            logits = logits_of(hidden)
+            target = input_ids.to(logits.device)[:, 1:].reshape(-1)
+            F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), target).backward()
+            grads.append(hidden.grad)
+    scores = [0.0] * s.num_layers
+    for k in reversed(range(s.num_layers)):
+        with s.layer(k) as layer, torch.enable_grad():
+            for p in layer.parameters():
+                p.requires_grad_(True)
+            for b, hidden in enumerate(s.boundary(k)):
+                hidden = hidden.detach().requires_grad_(True)
+                s.apply(layer, k, b, hidden).backward(grads[b])
+                s.layer_forwards += 2  # the backward costs about two forwards
+                grads[b] = hidden.grad
+            scores[k] = _l1_grad_product(layer)
+            for p in layer.parameters():
+                p.grad = None
+                p.requires_grad_(False)
     return scores
 
 
 @torch.no_grad()
 def magnitude_plus(ctx: MetricContext) -> list[float]:
-    """Mag+: per block, the L1 mass of its weights (no data needed)."""
-    return [
-        sum(p.detach().float().abs().sum().item() for p in _block_parameters(layer))
-        for layer in ctx.adapter.layers(ctx.model)
-    ]
+    """Mag+: per block, the L1 mass of its weights as they stand (compensation folded in; no data)."""
+    s = ctx.streams
+    scores = []
+    for k in range(s.num_layers):
+        with s.layer(k) as layer:
+            scores.append(sum(p.float().abs().sum().item() for p in layer.parameters()))
+    return scores
 
 
 METRICS.add("block_influence", Metric("block_influence", "ShortGPT block influence (cosine)", block_influence))

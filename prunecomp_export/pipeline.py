@@ -1,4 +1,9 @@
-"""The whole job, top to bottom: recipe -> load -> calibrate -> score -> fold -> save -> targets.
+"""The whole job as explicit stages, top to bottom:
+
+preflight (everything that needs no weights) -> load (the source as plain safetensors, tokenizer,
+token windows, the layer-by-layer model and where things live) -> prune -> evaluate -> save (the
+checkpoint by tensor surgery from the source files, then a reload check) -> targets -> bench ->
+report. Each stage's wall time and peak memory are measured (``costs``).
 
 ``run`` is the library call behind the CLI; it returns a ``RunResult`` and raises
 ``PrunecompError`` subclasses for anything the user can fix.
@@ -6,7 +11,6 @@
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import platform
@@ -16,30 +20,34 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 from pydantic import ValidationError
 
 from prunecomp_export import calibration, corpus
-from prunecomp_export.adapters import adapter_for
+from prunecomp_export.adapters import Adapter, adapter_for
 from prunecomp_export.bench import benchmark, runtimes_for, speedups_at
-from prunecomp_export.checkpoint import save_checkpoint, sha256_tree, staged_directory, verify_reload
-from prunecomp_export.engine import (
-    Plan,
-    Step,
-    Trajectory,
-    apply_steps,
-    baseline_layers,
-    make_plan,
-    prune,
-    replay,
-    steps_for,
-)
+from prunecomp_export.checkpoint import sha256_tree, verify_in_child
+from prunecomp_export.costs import CostMeter, StageCost
+from prunecomp_export.engine import Plan, Trajectory, make_plan, prune
 from prunecomp_export.errors import RecipeError
 from prunecomp_export.evaluation import DenseCache, Evaluator, Measurement
-from prunecomp_export.loading import load_config, load_model, resolve_source, source_identity
+from prunecomp_export.execution import Placement, check_cache_dir, plan_placement, resolve_device
+from prunecomp_export.layerwise import trim_host_memory
+from prunecomp_export.loading import (
+    ResolvedSource,
+    compute_dtype,
+    load_config,
+    load_tokenizer,
+    local_checkpoint,
+    resolve_source,
+    source_identity,
+)
+from prunecomp_export.outputdir import OutputLock, check_output_dir, staged_output
 from prunecomp_export.progress import Reporter
 from prunecomp_export.recipe import Recipe, dump_recipe
-from prunecomp_export.report import SCHEMA, write_reports
+from prunecomp_export.report import write_reports
+from prunecomp_export.results import SCHEMA, Execution, MeasurementRow, ModelInfo, RunResults, Summary, TrajectoryInfo
 from prunecomp_export.signoff import accuracy_kept, evaluate_signoff, perplexity_ratios
 from prunecomp_export.targets import load_target
 
@@ -54,17 +62,33 @@ class RunResult:
     layers_before: int
     layers_after: int
     trajectory: Trajectory
-    results: dict = field(default_factory=dict)
+    results: RunResults | None = None
     targets: dict[str, dict] = field(default_factory=dict)
     seconds: float = 0.0
+    costs: list[StageCost] = field(default_factory=list)
 
     @property
     def measurements(self) -> list[Measurement]:
-        return [Measurement(**row) for row in self.results.get("measurements", [])]
+        return [] if self.results is None else [Measurement(**row.model_dump()) for row in self.results.measurements]
 
     @property
     def signoff_passed(self) -> bool:
-        return bool(self.results.get("signoff", {}).get("passed", True))
+        return self.results is None or self.results.signoff.passed
+
+
+@dataclass
+class Checked:
+    """What preflight established without reading a weight."""
+
+    recipe: Recipe
+    source: ResolvedSource
+    config: Any
+    adapter: Adapter
+    tied: bool
+    plan: Plan
+    target_options: dict[str, Any]
+    runtimes: list[str]
+    output: Path
 
 
 @dataclass
@@ -76,9 +100,26 @@ class DryRunResult:
     targets: list[str]
 
 
-def _prepare(recipe: Recipe, targets: list[str]):
-    """Everything that can be checked without weights: source, architecture, plan, target options."""
+@dataclass
+class Loaded:
+    """The source as the run uses it: files, tokenizer, token windows, the layer-by-layer model."""
+
+    variants: Any  # ModelVariants (imported with torch, in the load stage)
+    tokenizer: Any
+    identity: dict
+    batches: list
+    sample: Any
+    evaluator: Evaluator
+    placement: Placement
+
+
+def preflight(recipe: Recipe, targets: list[str], bench: bool = False) -> Checked:
+    """Everything that can be checked without weights: source, architecture, plan, corpora, target
+    options, bench runtimes."""
+    output = Path(recipe.output.dir)
     source = resolve_source(recipe.model)
+    protected = [Path(source.location), *source.files] if source.local else []
+    check_output_dir(output, overwrite=recipe.output.overwrite, protected=protected)
     config = load_config(source, recipe.model)
     adapter = adapter_for(config)
     tied = bool(getattr(config, "tie_word_embeddings", False))
@@ -96,114 +137,152 @@ def _prepare(recipe: Recipe, targets: list[str]):
             err = exc.errors()[0]
             key = ".".join(["targets", name, *map(str, err["loc"])])
             raise RecipeError(err["msg"], key=key) from None
-    return source, config, adapter, tied, plan, options
+        if (check := getattr(module, "preflight", None)) is not None:
+            check(options[name])
+    runtimes = runtimes_for(recipe.bench, targets) if bench else []
+    _check_bench_runtimes(runtimes)
+    resolve_device(recipe.execution)
+    check_cache_dir(recipe.execution)
+    return Checked(recipe, source, config, adapter, tied, plan, options, runtimes, output)
 
 
-def dry_run(recipe: Recipe, targets: list[str]) -> DryRunResult:
-    _source, config, _adapter, tied, plan, _options = _prepare(recipe, targets)
-    return DryRunResult(config.model_type, config.num_hidden_layers, tied, plan, targets)
+def _check_bench_runtimes(runtimes: list[str]) -> None:
+    """A bench runtime that is not installed is found before any weight is read."""
+    if "onnxruntime" in runtimes:
+        from prunecomp_export.targets.onnx import require_exporter, require_onnx_runtime
+
+        require_exporter()
+        require_onnx_runtime()
+    if "vllm" in runtimes:
+        from prunecomp_export.targets.vllm import require_vllm, resolve_python
+
+        require_vllm(resolve_python())
+
+
+def dry_run(recipe: Recipe, targets: list[str], bench: bool = False) -> DryRunResult:
+    checked = preflight(recipe, targets, bench)
+    config = checked.config
+    return DryRunResult(config.model_type, config.num_hidden_layers, checked.tied, checked.plan, targets)
 
 
 def run(recipe: Recipe, targets: list[str], reporter: Reporter | None = None, bench: bool = False) -> RunResult:
     reporter = reporter or Reporter()
-    log = reporter.log
     started = time.perf_counter()
-    output = Path(recipe.output.dir)
-    if output.exists() and not recipe.output.overwrite:
-        raise RecipeError(f"{output} exists (set output.overwrite: true to replace it)", key="output.dir")
-    source, config, adapter, _tied, plan, target_options = _prepare(recipe, targets)
-
-    log(f"loading {source.description}")
-    model, tokenizer = load_model(source, recipe.model)
-    identity = source_identity(source)
-
-    log("building calibration and evaluation windows")
-    windows = calibration.calibration_windows(recipe.calibration, tokenizer)
-    batches = list(windows.split(recipe.calibration.batch_size))
-    evaluator = Evaluator(recipe.evaluation, tokenizer, reporter)
-    measurements = _dense_measurements(model, evaluator, identity, recipe, log)
-
-    log(f"pruning {plan.num_drop} of {plan.num_layers} layers ({recipe.prune.schedule}, {plan.metric.name})")
-    points = _trajectory_points(recipe, plan)
-    keep_dense = bench or (evaluator.enabled and (recipe.evaluation.baseline or bool(points)))
-    runtimes = runtimes_for(recipe.bench, targets) if bench else []
-    dense = model
-    model = copy.deepcopy(dense) if keep_dense else dense
-    trajectory = prune(model, adapter, batches, plan, recipe.prune.schedule, reporter)
-    measurements += evaluator.evaluate(model, "prunecomp", plan.num_drop)
-    if keep_dense and evaluator.enabled:
-        measurements += _along_trajectory(
-            dense, adapter, plan, trajectory, points, evaluator, recipe, log, consume_dense=not bench
-        )
-
-    with staged_directory(output, overwrite=recipe.output.overwrite) as stage:
-        checkpoint = stage / "checkpoint"
-        log(f"saving the checkpoint to {output / 'checkpoint'}")
-        save_checkpoint(model, tokenizer, checkpoint, recipe.output.max_shard_size)
-        verification = verify_reload(model, checkpoint, windows[:2, :64]) if recipe.output.verify else None
-        target_records = {}
-        for name, options in target_options.items():
-            if name == "hf":
-                continue
-            log(f"target {name}")
-            out_dir = stage / "targets" / name
-            out_dir.mkdir(parents=True)
-            target_records[name] = load_target(name).build(checkpoint, out_dir, options)
+    checked = preflight(recipe, targets, bench)
+    meter = CostMeter()
+    overwrite = recipe.output.overwrite
+    with OutputLock(checked.output), staged_output(checked.output, overwrite=overwrite) as stage:
+        with meter.stage("load") as cost:
+            loaded = _load(checked, stage, reporter, cost)
+            trim_host_memory()  # tokenizing a corpus leaves hundreds of MB of freed heap behind
+        with meter.stage("prune") as cost:
+            trajectory = _prune(checked, loaded, reporter, cost)
+            trim_host_memory()
+        with meter.stage("evaluate") as cost:
+            measurements = _evaluate(checked, loaded, trajectory, reporter)
+            cost.child_peak_rss_bytes = loaded.evaluator.child_peak_rss_bytes or None
+        with meter.stage("save") as cost:
+            final = loaded.variants.prunecomp(trajectory, checked.plan.num_drop)
+            checkpoint = stage / "checkpoint"
+            reporter.log(f"stage save: writing the checkpoint by tensor surgery to {checked.output / 'checkpoint'}")
+            loaded.variants.write(final, checkpoint, recipe.output.max_shard_size)
+            verification = None
+            if recipe.output.verify:
+                expected = loaded.variants.logits(final, loaded.sample)
+                verification, cost.child_peak_rss_bytes = verify_in_child(
+                    checkpoint, loaded.sample, expected, dtype=loaded.variants.model.dtype,
+                    attn_implementation=recipe.model.attn_implementation, device=str(loaded.variants.model.device),
+                )  # fmt: skip
+        with meter.stage("targets") as cost:
+            target_records = _targets(checked, checkpoint, stage, reporter, cost)
         bench_results = None
         if bench:
-            bench_results = _bench(
-                recipe, runtimes, dense, tokenizer, adapter, plan, trajectory, checkpoint, stage, reporter
-            )
-            (stage / "bench.json").write_text(json.dumps(bench_results, indent=2) + "\n")
-        del dense
-        (stage / "recipe.resolved.yaml").write_text(dump_recipe(recipe))
-        (stage / "trajectory.json").write_text(json.dumps(trajectory.to_json(), indent=2) + "\n")
-        results = _results(
-            recipe, identity, config.model_type, plan, trajectory, evaluator, measurements, bench_results
-        )
-        write_reports(results, stage)
-        manifest = {
-            "schema": "prunecomp-manifest/1",
-            "source_model": identity,
-            "recipe": recipe.model_dump(mode="json"),
-            "model_type": config.model_type,
-            "layers_before": plan.num_layers,
-            "layers_after": plan.num_layers - plan.num_drop,
-            "removed": [{"original_layers": r.step.removed, "alpha": r.step.alpha} for r in trajectory.rounds],
-            "fold_form": trajectory.fold_form,
-            "untied_embeddings": trajectory.untie,
-            "verification": verification,
-            "targets": target_records,
-            "packages": results["packages"],
-            "machine": results["machine"],
-            "files": sha256_tree(stage),
-        }
-        (stage / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+            with meter.stage("bench"):
+                bench_results = _bench(checked, loaded, trajectory, checkpoint, stage, reporter)
+                (stage / "bench.json").write_text(json.dumps(bench_results, indent=2) + "\n")
+        with meter.stage("report"):
+            (stage / "recipe.resolved.yaml").write_text(dump_recipe(recipe))
+            (stage / "trajectory.json").write_text(json.dumps(trajectory.to_json(), indent=2) + "\n")
+            results = _results(checked, loaded, trajectory, measurements, bench_results, meter)
+            write_reports(results, stage)
+        shutil.rmtree(loaded.variants.scratch, ignore_errors=True)
+        _write_manifest(stage, checked, loaded.identity, trajectory, verification, target_records, results)
     return RunResult(
-        output,
-        config.model_type,
-        plan.num_layers,
-        plan.num_layers - plan.num_drop,
+        checked.output,
+        checked.config.model_type,
+        checked.plan.num_layers,
+        checked.plan.num_layers - checked.plan.num_drop,
         trajectory,
         results,
         target_records,
         time.perf_counter() - started,
+        meter.stages,
     )
 
 
-def _dense_measurements(model, evaluator: Evaluator, identity: dict, recipe: Recipe, log) -> list[Measurement]:
-    if not evaluator.enabled:
-        return []
-    cache = DenseCache(
-        identity["sha256"], {**evaluator.protocol(), "dtype": recipe.model.dtype}, recipe.evaluation.cache_dense
+def _load(checked: Checked, stage: Path, reporter: Reporter, cost) -> Loaded:
+    """The source as plain safetensors, the tokenizer, the token windows and the layer-by-layer
+    model, placed by the memory budget."""
+    import torch
+
+    from prunecomp_export.layerwise import LayerwiseModel
+    from prunecomp_export.models import ModelVariants
+    from prunecomp_export.weights import SafetensorsCheckpoint
+
+    recipe = checked.recipe
+    reporter.log(f"stage load: {checked.source.description}")
+    identity = source_identity(checked.source)
+    directory, child_peak = local_checkpoint(checked.source, recipe.model, identity, reporter.log)
+    cost.child_peak_rss_bytes = child_peak
+    tokenizer = load_tokenizer(directory, recipe.model)
+    windows = calibration.calibration_windows(recipe.calibration, tokenizer)
+    batches = list(windows.split(recipe.calibration.batch_size))
+    evaluator = Evaluator(recipe.evaluation, tokenizer, reporter)
+
+    device = resolve_device(recipe.execution)
+    dtype = compute_dtype(recipe.model, checked.config)
+    files = SafetensorsCheckpoint(directory)
+    config = checked.config
+    model = LayerwiseModel(
+        files, config, checked.adapter, device, dtype, resident=False,
+        attn_implementation=recipe.model.attn_implementation,
+    )  # fmt: skip
+    element = torch.tensor([], dtype=dtype).element_size()
+    slices = [model.layer_keys(i) for i in range(model.num_layers)]
+    others = [k for k in files if not k.startswith(checked.adapter.layer_prefix)]
+    weights_bytes = model.nbytes_of(files.keys())
+    largest = max(max(model.nbytes_of(keys) for keys in slices), model.nbytes_of(others))
+    boundaries = checked.plan.num_layers + 1
+    cache_bytes = boundaries * windows.numel() * config.hidden_size * element
+    placement = plan_placement(
+        recipe.execution, device, weights_bytes=weights_bytes, largest_slice_bytes=largest, cache_bytes=cache_bytes
     )
-    cached = cache.load()
-    if cached is not None:
-        log(f"dense results reused from {cache.path}")
-        return cached
-    rows = evaluator.evaluate(model, "dense", 0)
-    cache.store(rows)
-    return rows
+    if placement.weights_resident:
+        model = LayerwiseModel(
+            files, config, checked.adapter, device, dtype, resident=True,
+            attn_implementation=recipe.model.attn_implementation,
+        )  # fmt: skip
+    cost.notes.update(placement.describe())
+    reporter.log(
+        f"stage load: {device}, {dtype}; weights {placement.describe()['weights']} "
+        f"({weights_bytes / 1e9:.2f} GB), stream cache on {placement.cache} ({cache_bytes / 1e9:.2f} GB), "
+        f"budget {placement.budget_bytes / 1e9:.2f} GB"
+    )
+    variants = ModelVariants(directory, files, config, checked.adapter, model, checked.plan, stage / ".scratch")
+    return Loaded(variants, tokenizer, identity, batches, windows[:2, :64], evaluator, placement)
+
+
+def _prune(checked: Checked, loaded: Loaded, reporter: Reporter, cost) -> Trajectory:
+    from prunecomp_export.stream_cache import StreamCache
+
+    plan, placement = checked.plan, loaded.placement
+    schedule = checked.recipe.prune.schedule
+    reporter.log(f"stage prune: {plan.num_drop} of {plan.num_layers} layers ({schedule}, {plan.metric.name})")
+    model = loaded.variants.model
+    with StreamCache.open(placement.cache, model.device, len(loaded.batches), placement.cache_dir) as cache:
+        trajectory = prune(model, loaded.batches, plan, schedule, cache, reporter)
+        cost.notes.update({"stream_cache": placement.cache, "stream_cache_peak_bytes": cache.peak_nbytes})
+    return trajectory
 
 
 def _trajectory_points(recipe: Recipe, plan: Plan) -> list[int]:
@@ -213,105 +292,146 @@ def _trajectory_points(recipe: Recipe, plan: Plan) -> list[int]:
     return sorted({k for k in points if k < plan.num_drop})
 
 
-def _along_trajectory(
-    dense, adapter, plan: Plan, trajectory: Trajectory, points: list[int], evaluator, recipe, log, consume_dense: bool
-):
-    """Checkpoints rebuilt from the one run at each requested point, and the baseline beside them.
-    ``consume_dense``: nothing needs the dense model afterwards, so the last baseline may prune it in
-    place (one model copy less in memory); the bench still needs it dense."""
-    rows = []
-    for k in points:
-        steps = steps_for(trajectory, k)
-        if steps is None:
-            log(f"no checkpoint with {k} layers removed in a {trajectory.schedule} run; skipped")
+def _evaluate(checked: Checked, loaded: Loaded, trajectory: Trajectory, reporter: Reporter) -> list[Measurement]:
+    """Dense (cached by model hash), Prune&Comp at the final count and at each trajectory point, and
+    the one-shot baseline beside each: every variant derived from the source files."""
+    evaluator, variants, recipe, plan = loaded.evaluator, loaded.variants, checked.recipe, checked.plan
+    if not evaluator.enabled:
+        return []
+    reporter.log("stage evaluate")
+    cache = DenseCache(
+        loaded.identity["sha256"], {**evaluator.protocol(), "dtype": str(variants.model.dtype)},
+        recipe.evaluation.cache_dense,
+    )  # fmt: skip
+    rows = cache.load()
+    if rows is not None:
+        reporter.log(f"dense results reused from {cache.path}")
+    else:
+        rows = evaluator.evaluate(variants, variants.dense)
+        cache.store(rows)
+    points = _trajectory_points(recipe, plan)
+    for k in [*points, plan.num_drop]:
+        variant = variants.prunecomp(trajectory, k)
+        if variant is None:
+            reporter.log(f"no checkpoint with {k} layers removed in a {trajectory.schedule} run; skipped")
             continue
-        rebuilt = copy.deepcopy(dense)
-        replay(rebuilt, adapter, steps, trajectory.fold_form, trajectory.untie)
-        rows += evaluator.evaluate(rebuilt, "prunecomp", k)
-        del rebuilt
-    if recipe.evaluation.baseline:
-        # The paper's baseline: the same metric, one shot, no compensation.
-        for k in [*points, plan.num_drop]:
-            removed = baseline_layers(plan, trajectory, k)
-            baseline = dense if (k == plan.num_drop and consume_dense) else copy.deepcopy(dense)
-            log(f"baseline with {k} removed ({plan.metric.name} one-shot, no compensation): layers {removed}")
-            apply_steps(baseline, adapter, [Step([i], 1.0) for i in removed], None)
-            rows += [
-                Measurement(**{**m.to_json(), "details": {**m.details, "removed": removed}})
-                for m in evaluator.evaluate(baseline, "baseline", k)
-            ]
+        rows += evaluator.evaluate(variants, variant)
+        if recipe.evaluation.baseline:
+            rows += evaluator.evaluate(variants, variants.baseline(trajectory, k))
     return rows
 
 
-def _bench(
-    recipe, runtimes, dense, tokenizer, adapter, plan: Plan, trajectory, checkpoint: Path, stage: Path, reporter
-):
-    """Save the dense model and each requested point of the trajectory as plain checkpoints (in a
-    scratch directory, removed afterwards) and time them all."""
+def _targets(checked: Checked, checkpoint: Path, stage: Path, reporter: Reporter, cost) -> dict[str, dict]:
+    """Each target built from the written checkpoint in a child process of its own."""
+    from prunecomp_export.child import run_in_child
+
+    records = {}
+    peaks = []
+    for name, options in checked.target_options.items():
+        if name == "hf":
+            continue
+        reporter.log(f"stage targets: {name}")
+        out_dir = stage / "targets" / name
+        out_dir.mkdir(parents=True)
+        child = run_in_child(
+            "prunecomp_export.targets:build_target",
+            {"name": name, "checkpoint": str(checkpoint), "out_dir": str(out_dir), "options": options.model_dump()},
+        )
+        records[name] = child.value
+        peaks.append(child.peak_rss_bytes)
+        cost.notes[f"{name}_child_peak_rss_bytes"] = child.peak_rss_bytes
+    cost.child_peak_rss_bytes = max(peaks, default=None)
+    return records
+
+
+def _bench(checked: Checked, loaded: Loaded, trajectory: Trajectory, checkpoint: Path, stage: Path, reporter) -> dict:
+    """Time the dense source and each requested point, each written by tensor surgery into the
+    scratch directory (removed afterwards), and the final checkpoint."""
+    from contextlib import ExitStack
+
+    recipe, plan, variants = checked.recipe, checked.plan, loaded.variants
     wanted = recipe.bench.points
     points = sorted({k for k in (range(1, plan.num_drop + 1) if wanted == "all" else wanted) if k <= plan.num_drop})
-    scratch = stage / ".bench-scratch"
-    checkpoints = {0: scratch / "dense", plan.num_drop: checkpoint}
-    save_checkpoint(dense, tokenizer, checkpoints[0])
-    for k in points:
-        steps = steps_for(trajectory, k)
-        if k == plan.num_drop or steps is None:
-            continue
-        rebuilt = copy.deepcopy(dense)
-        replay(rebuilt, adapter, steps, trajectory.fold_form, trajectory.untie)
-        checkpoints[k] = scratch / f"removed-{k}"
-        save_checkpoint(rebuilt, tokenizer, checkpoints[k])
-        del rebuilt
+    scratch = variants.scratch / "bench"
+    existing_onnx = stage / "targets" / "onnx"
 
     def onnx_export(directory: Path) -> Path:
         from prunecomp_export.targets.onnx import ONNX_FILE, export_onnx
 
-        out = scratch / "onnx" / directory.name
+        if directory == checkpoint and (existing_onnx / ONNX_FILE).is_file():
+            return existing_onnx / ONNX_FILE
+        out = scratch / "onnx" / f"{directory.name}"
         export_onnx(directory, out)
         return out / ONNX_FILE
 
-    try:
-        return benchmark(
-            recipe.bench, runtimes, checkpoints, plan.num_layers, dense.config.vocab_size, reporter, onnx_export
-        )
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+    with ExitStack() as stack:
+        checkpoints = {0: stack.enter_context(variants.materialised(variants.dense)), plan.num_drop: checkpoint}
+        for k in points:
+            variant = variants.prunecomp(trajectory, k)
+            if k != plan.num_drop and variant is not None:
+                checkpoints[k] = stack.enter_context(variants.materialised(variant))
+        reporter.log(f"stage bench: {', '.join(checked.runtimes)} on {len(checkpoints)} checkpoints")
+        vocab = checked.config.vocab_size
+        return benchmark(recipe.bench, checked.runtimes, checkpoints, plan.num_layers, vocab, reporter, onnx_export)
 
 
-def _results(
-    recipe, identity, model_type, plan: Plan, trajectory: Trajectory, evaluator, rows, bench_results=None
-) -> dict:
+def _results(checked: Checked, loaded: Loaded, trajectory: Trajectory, rows, bench_results, meter) -> RunResults:
+    recipe, plan = checked.recipe, checked.plan
     final = plan.num_drop
-    kept = accuracy_kept(rows, "prunecomp", final)
-    return {
-        "schema": SCHEMA,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "model": {
-            "source": identity["source"],
-            "sha256": identity["sha256"],
-            "model_type": model_type,
-            "layers_before": plan.num_layers,
-            "layers_after": plan.num_layers - final,
-            "layers_removed": final,
-        },
-        "recipe": recipe.model_dump(mode="json"),
-        "seeds": {"calibration": recipe.calibration.seed},
-        "trajectory": trajectory.to_json(),
-        "protocol": evaluator.protocol(),
-        "measurements": [row.to_json() for row in rows],
-        "summary": {
-            "perplexity_ratio": perplexity_ratios(rows, "prunecomp", final),
-            "baseline_perplexity_ratio": perplexity_ratios(rows, "baseline", final),
-            "accuracy_kept_percent": kept,
-            "baseline_accuracy_kept_percent": accuracy_kept(rows, "baseline", final),
-        },
-        "bench": bench_results,
-        "signoff": evaluate_signoff(
+    identity = loaded.identity
+    return RunResults(
+        schema=SCHEMA,
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        model=ModelInfo(
+            source=identity["source"],
+            sha256=identity["sha256"],
+            model_type=checked.config.model_type,
+            layers_before=plan.num_layers,
+            layers_after=plan.num_layers - final,
+            layers_removed=final,
+        ),
+        recipe=recipe.model_dump(mode="json"),
+        seeds={"calibration": recipe.calibration.seed},
+        trajectory=TrajectoryInfo.model_validate(trajectory.to_json()),
+        protocol=loaded.evaluator.protocol(),
+        measurements=[MeasurementRow.model_validate(row.to_json()) for row in rows],
+        summary=Summary(
+            perplexity_ratio=perplexity_ratios(rows, "prunecomp", final),
+            baseline_perplexity_ratio=perplexity_ratios(rows, "baseline", final),
+            accuracy_kept_percent=accuracy_kept(rows, "prunecomp", final),
+            baseline_accuracy_kept_percent=accuracy_kept(rows, "baseline", final),
+        ),
+        bench=bench_results,
+        signoff=evaluate_signoff(
             recipe.signoff, rows, final, speedups_at(bench_results, final) if bench_results else None
         ),
-        "packages": _package_versions(),
-        "machine": _machine(),
+        execution=Execution.model_validate(loaded.placement.describe()),
+        costs=meter.stages,
+        peak_rss_bytes=meter.process_peak_rss_bytes(),
+        packages=_package_versions(),
+        machine=_machine(),
+    )
+
+
+def _write_manifest(stage: Path, checked: Checked, identity, trajectory, verification, targets, results) -> None:
+    plan = checked.plan
+    manifest = {
+        "schema": "prunecomp-manifest/1",
+        "source_model": identity,
+        "recipe": checked.recipe.model_dump(mode="json"),
+        "model_type": checked.config.model_type,
+        "layers_before": plan.num_layers,
+        "layers_after": plan.num_layers - plan.num_drop,
+        "removed": [{"original_layers": r.step.removed, "alpha": r.step.alpha} for r in trajectory.rounds],
+        "fold_form": trajectory.fold_form,
+        "untied_embeddings": trajectory.untie,
+        "verification": verification,
+        "targets": targets,
+        "packages": results.packages,
+        "machine": results.machine,
+        "files": sha256_tree(stage),
     }
+    (stage / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
 
 
 def _machine() -> dict:

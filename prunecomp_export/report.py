@@ -1,5 +1,5 @@
-"""The sign-off report: ``results.json`` (versioned schema), ``report.md`` and a self-contained
-``report.html`` whose plots are matplotlib PNGs embedded as data URIs."""
+"""The sign-off report: ``results.json`` (the ``RunResults`` models, versioned schema), ``report.md``
+and a self-contained ``report.html`` whose plots are matplotlib PNGs embedded as data URIs."""
 
 from __future__ import annotations
 
@@ -9,39 +9,39 @@ import io
 import json
 from pathlib import Path
 
+from prunecomp_export.results import SCHEMA, MeasurementRow, RunResults
 from prunecomp_export.signoff import accuracy_kept, perplexity_ratios
 
-SCHEMA = "prunecomp-results/1"
-SCHEMA_FILE = Path(__file__).resolve().parent / "schemas" / "results.schema.json"
+GB = 1e9
 LABELS = {"dense": "dense", "baseline": "one-shot, no compensation", "prunecomp": "Prune&Comp"}
 
 
-def write_reports(results: dict, directory: Path) -> None:
-    (directory / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+def write_reports(results: RunResults, directory: Path) -> None:
+    (directory / "results.json").write_text(json.dumps(results.to_json(), indent=2) + "\n")
     (directory / "report.md").write_text(render_markdown(results))
     (directory / "report.html").write_text(render_html(results))
 
 
-def _rows(results: dict, kind: str) -> list[dict]:
-    return [r for r in results["measurements"] if r["kind"] == kind]
+def _rows(results: RunResults, kind: str) -> list[MeasurementRow]:
+    return [r for r in results.measurements if r.kind == kind]
 
 
-def summary_table(results: dict) -> tuple[list[str], list[list[str]]]:
+def summary_table(results: RunResults) -> tuple[list[str], list[list[str]]]:
     """One row per dataset: dense, baseline and Prune&Comp at the final number of removed layers."""
-    final = results["model"]["layers_removed"]
+    final = results.model.layers_removed
     header = ["measure", "dataset", "dense", LABELS["baseline"], LABELS["prunecomp"]]
     table = []
     for kind in ("perplexity", "accuracy"):
-        datasets = list(dict.fromkeys(r["dataset"] for r in _rows(results, kind)))
+        datasets = list(dict.fromkeys(r.dataset for r in _rows(results, kind)))
         for dataset in datasets:
             cells = []
             for variant in ("dense", "baseline", "prunecomp"):
                 layers = 0 if variant == "dense" else final
                 value = next(
                     (
-                        r["value"]
+                        r.value
                         for r in _rows(results, kind)
-                        if r["dataset"] == dataset and r["variant"] == variant and r["layers_removed"] == layers
+                        if r.dataset == dataset and r.variant == variant and r.layers_removed == layers
                     ),
                     None,
                 )
@@ -52,37 +52,35 @@ def summary_table(results: dict) -> tuple[list[str], list[list[str]]]:
     return header, table
 
 
-def render_markdown(results: dict) -> str:
-    model = results["model"]
-    signoff = results["signoff"]
+def render_markdown(results: RunResults) -> str:
+    model, signoff, trajectory = results.model, results.signoff, results.trajectory
     lines = [
-        f"# Prune&Comp sign-off: {model['source']}",
+        f"# Prune&Comp sign-off: {model.source}",
         "",
-        f"**{'PASS' if signoff['passed'] else 'FAIL'}** — {model['layers_before']} → {model['layers_after']} layers "
-        f"({model['layers_removed']} removed, {results['trajectory']['metric']}, {results['trajectory']['schedule']}).",
+        f"**{'PASS' if signoff.passed else 'FAIL'}** — {model.layers_before} → {model.layers_after} layers "
+        f"({model.layers_removed} removed, {trajectory.metric}, {trajectory.schedule}).",
         "",
         "## Sign-off",
         "",
         "| threshold | required | measured | result | detail |",
         "|---|---|---|---|---|",
     ]
-    for check in signoff["checks"]:
-        value = "missing" if check["value"] is None else f"{check['value']:.3f}"
+    for check in signoff.checks:
+        value = "missing" if check.value is None else f"{check.value:.3f}"
         lines.append(
-            f"| {check['name']} | {check['threshold']} | {value} | {'PASS' if check['passed'] else 'FAIL'} | "
-            f"{check['detail']} |"
+            f"| {check.name} | {check.threshold} | {value} | {'PASS' if check.passed else 'FAIL'} | {check.detail} |"
         )
-    if not signoff["checks"]:
+    if not signoff.checks:
         lines.append("| (none set in the recipe's `signoff` section) | | | PASS | |")
     header, table = summary_table(results)
     lines += ["", "## Accuracy", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in table]
-    kept = results["summary"]
-    ppl_protocol = results["protocol"]["perplexity"]
+    kept = results.summary
+    ppl_protocol = results.protocol["perplexity"]
     lines += [
         "",
-        f"Accuracy kept (mean over QA tasks, % of dense): Prune&Comp {_fmt(kept['accuracy_kept_percent'])}, "
-        f"baseline {_fmt(kept['baseline_accuracy_kept_percent'])}.",
+        f"Accuracy kept (mean over QA tasks, % of dense): Prune&Comp {_fmt(kept.accuracy_kept_percent)}, "
+        f"baseline {_fmt(kept.baseline_accuracy_kept_percent)}.",
         "",
         f"Perplexity: {ppl_protocol['protocol'] if ppl_protocol else 'not measured'}."
         " This is token-level perplexity; lm-evaluation-harness's `wikitext` task reports word perplexity.",
@@ -92,16 +90,15 @@ def render_markdown(results: dict) -> str:
         "| round | removed (original index) | alpha | calibration loss |",
         "|---|---|---|---|",
     ]
-    for r in results["trajectory"]["rounds"]:
-        loss = "" if r["calibration_loss"] is None else f"{r['calibration_loss']:.4f}"
-        lines.append(
-            f"| {r['round']} | {', '.join(map(str, r['step']['removed']))} | {r['step']['alpha']:.4f} | {loss} |"
-        )
-    if results.get("bench"):
-        lines += ["", "## Latency", "", *bench_markdown(results["bench"])]
+    for r in trajectory.rounds:
+        loss = "" if r.calibration_loss is None else f"{r.calibration_loss:.4f}"
+        lines.append(f"| {r.round} | {', '.join(map(str, r.step.removed))} | {r.step.alpha:.4f} | {loss} |")
+    if results.bench:
+        lines += ["", "## Latency", "", *bench_markdown(results.bench)]
+    lines += ["", "## Cost", "", *cost_markdown(results)]
     lines += [
         "",
-        f"Generated by prunecomp-export {results['packages'].get('prunecomp-export')}; schema {results['schema']}.",
+        f"Generated by prunecomp-export {results.packages.get('prunecomp-export')}; schema {results.schema_id}.",
         "",
     ]
     return "\n".join(lines)
@@ -160,16 +157,48 @@ def _fmt(value: float | None, spec: str = ".1f") -> str:
     return "n/a" if value is None else format(value, spec)
 
 
-def plots(results: dict) -> dict[str, bytes]:
+def _gb(size: int | None) -> str:
+    return _fmt(None if size is None else size / GB, ".2f")
+
+
+def cost_table(results: RunResults) -> tuple[list[str], list[list[str]]]:
+    """One row per measured stage: wall time, this process's peak RSS, the peak of a child process
+    that did the stage's heavy work, and the device's peak (a column only when a stage has one)."""
+    device = any(c.peak_device_bytes is not None for c in results.costs)
+    header = ["stage", "wall time s", "peak RSS GB", "child process peak GB"] + (["device peak GB"] if device else [])
+    table = [
+        [c.name, f"{c.wall_s:.2f}", _gb(c.peak_rss_bytes), _gb(c.child_peak_rss_bytes)]
+        + ([_gb(c.peak_device_bytes)] if device else [])
+        for c in results.costs
+    ]
+    return header, table
+
+
+def execution_line(results: RunResults) -> str:
+    """Where the weights and the stream cache lived, and the whole run's peak RSS."""
+    e = results.execution
+    return (
+        f"Execution on {e.device}: weights {e.weights} ({_gb(e.weights_bytes)} GB), stream cache on {e.stream_cache} "
+        f"({_gb(e.stream_cache_bytes)} GB); memory budget {_gb(e.budget_bytes)} GB. "
+        f"Peak RSS of the run's own process: {_gb(results.peak_rss_bytes)} GB (child processes not included)."
+    )
+
+
+def cost_markdown(results: RunResults) -> list[str]:
+    header, table = cost_table(results)
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in table]
+    return [*lines, "", execution_line(results)]
+
+
+def plots(results: RunResults) -> dict[str, bytes]:
     """PNG bytes of each plot: PPL and accuracy kept versus layers removed (and speed, if measured)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from prunecomp_export.evaluation import Measurement
-
-    rows = [Measurement(**r) for r in results["measurements"]]
+    rows = results.measurements
     points = sorted({r.layers_removed for r in rows if r.variant != "dense"})
     images = {}
     corpora = list(dict.fromkeys(r.dataset for r in rows if r.kind == "perplexity"))
@@ -200,15 +229,15 @@ def plots(results: dict) -> dict[str, bytes]:
         ax.set(xlabel="layers removed", ylabel="accuracy kept (% of dense)", title="Zero-shot accuracy kept")
         ax.legend(fontsize=8)
         images["accuracy"] = _png(fig)
-    if results.get("bench"):
+    if results.bench:
         images.update(bench_plots(results, rows))
     return images
 
 
-def bench_plots(results: dict, rows) -> dict[str, bytes]:
+def bench_plots(results: RunResults, rows: list[MeasurementRow]) -> dict[str, bytes]:
     import matplotlib.pyplot as plt
 
-    bench_rows = results["bench"]["rows"]
+    bench_rows = results.bench["rows"]
     images = {}
     fig, ax = plt.subplots(figsize=(6.4, 4))
     for key in dict.fromkeys((r["runtime"], r["scenario"]) for r in bench_rows):
@@ -252,10 +281,10 @@ def _png(fig) -> bytes:
     return buffer.getvalue()
 
 
-def render_html(results: dict) -> str:
+def render_html(results: RunResults) -> str:
     """The markdown's content as a standalone page with the plots inlined (no external requests)."""
-    signoff = results["signoff"]
-    verdict = "PASS" if signoff["passed"] else "FAIL"
+    signoff, model, trajectory = results.signoff, results.model, results.trajectory
+    verdict = "PASS" if signoff.passed else "FAIL"
     header, table = summary_table(results)
     parts = [
         "<!doctype html><html lang='en'><head><meta charset='utf-8'>",
@@ -265,31 +294,37 @@ def render_html(results: dict) -> str:
         ".PASS{color:#06702c;font-weight:bold}.FAIL{color:#b00020;font-weight:bold}img{max-width:100%}</style>",
         "</head><body>",
         f"<h1>Prune&amp;Comp sign-off: <span class='{verdict}' id='verdict'>{verdict}</span></h1>",
-        f"<p>{html.escape(results['model']['source'])}: {results['model']['layers_before']} → "
-        f"{results['model']['layers_after']} layers ({html.escape(results['trajectory']['metric'])}, "
-        f"{html.escape(results['trajectory']['schedule'])}).</p>",
+        f"<p>{html.escape(model.source)}: {model.layers_before} → "
+        f"{model.layers_after} layers ({html.escape(trajectory.metric)}, "
+        f"{html.escape(trajectory.schedule)}).</p>",
         "<h2>Thresholds</h2><table><tr><th>threshold</th><th>required</th><th>measured</th><th>result</th><th>detail</th></tr>",
     ]
-    for check in signoff["checks"]:
-        value = "missing" if check["value"] is None else f"{check['value']:.3f}"
-        result = "PASS" if check["passed"] else "FAIL"
+    for check in signoff.checks:
+        value = "missing" if check.value is None else f"{check.value:.3f}"
+        result = "PASS" if check.passed else "FAIL"
         parts.append(
-            f"<tr><td>{check['name']}</td><td>{check['threshold']}</td><td>{value}</td>"
-            f"<td class='{result}'>{result}</td><td>{html.escape(check['detail'])}</td></tr>"
+            f"<tr><td>{check.name}</td><td>{check.threshold}</td><td>{value}</td>"
+            f"<td class='{result}'>{result}</td><td>{html.escape(check.detail)}</td></tr>"
         )
     parts.append(
         "</table><h2>Accuracy</h2><table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr>"
     )
     parts += ["<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in table]
     parts.append("</table>")
-    if results.get("bench"):
-        bench_header, bench_rows = bench_table(results["bench"])
-        warnings, how = bench_notes(results["bench"])
+    if results.bench:
+        bench_header, bench_rows = bench_table(results.bench)
+        warnings, how = bench_notes(results.bench)
         parts.append("<h2>Latency</h2>")
         parts += [f"<p class='FAIL warning'>Warning: {html.escape(w)}.</p>" for w in warnings]
         parts.append("<table id='latency'><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in bench_header) + "</tr>")
         parts += ["<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in bench_rows]
         parts.append(f"</table><p><small>{html.escape(how)}</small></p>")
+    cost_header, cost_rows = cost_table(results)
+    parts.append(
+        "<h2>Cost</h2><table id='cost'><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in cost_header) + "</tr>"
+    )
+    parts += ["<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in cost_rows]
+    parts.append(f"</table><p id='execution'>{html.escape(execution_line(results))}</p>")
     for name, png in plots(results).items():
         data = base64.b64encode(png).decode()
         parts.append(f"<figure><img alt='{name}' id='plot-{name}' src='data:image/png;base64,{data}'></figure>")

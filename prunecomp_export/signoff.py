@@ -5,29 +5,24 @@ A threshold whose measurement is missing fails: a pipeline cannot sign off what 
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from collections.abc import Sequence
 
 from prunecomp_export.evaluation import Measurement
 from prunecomp_export.recipe import SignoffSpec
+from prunecomp_export.results import MeasurementRow, Signoff, SignoffCheck
+
+#: a run's rows as the pipeline holds them, or as results.json holds them: the same fields
+Rows = Sequence[Measurement | MeasurementRow]
 
 
-@dataclass
-class Check:
-    name: str
-    threshold: float
-    value: float | None
-    passed: bool
-    detail: str
-
-
-def mean_accuracy(rows: list[Measurement], variant: str, layers_removed: int) -> float | None:
+def mean_accuracy(rows: Rows, variant: str, layers_removed: int) -> float | None:
     values = [
         r.value for r in rows if r.kind == "accuracy" and r.variant == variant and r.layers_removed == layers_removed
     ]
     return sum(values) / len(values) if values else None
 
 
-def accuracy_kept(rows: list[Measurement], variant: str, layers_removed: int) -> float | None:
+def accuracy_kept(rows: Rows, variant: str, layers_removed: int) -> float | None:
     """Mean accuracy over the QA tasks as a percentage of the dense model's (the paper's 'kept %')."""
     dense = mean_accuracy(rows, "dense", 0)
     pruned = mean_accuracy(rows, variant, layers_removed)
@@ -36,7 +31,7 @@ def accuracy_kept(rows: list[Measurement], variant: str, layers_removed: int) ->
     return 100.0 * pruned / dense
 
 
-def perplexity_ratios(rows: list[Measurement], variant: str, layers_removed: int) -> dict[str, float]:
+def perplexity_ratios(rows: Rows, variant: str, layers_removed: int) -> dict[str, float]:
     dense = {r.dataset: r.value for r in rows if r.kind == "perplexity" and r.variant == "dense"}
     return {
         r.dataset: r.value / dense[r.dataset]
@@ -46,18 +41,20 @@ def perplexity_ratios(rows: list[Measurement], variant: str, layers_removed: int
 
 
 def evaluate_signoff(
-    spec: SignoffSpec, rows: list[Measurement], layers_removed: int, speedups: dict[str, float] | None = None
-) -> dict:
-    checks: list[Check] = []
+    spec: SignoffSpec, rows: Rows, layers_removed: int, speedups: dict[str, float] | None = None
+) -> Signoff:
+    checks: list[SignoffCheck] = []
     if spec.min_accuracy_kept is not None:
         kept = accuracy_kept(rows, "prunecomp", layers_removed)
         checks.append(
-            Check(
-                "min_accuracy_kept",
-                spec.min_accuracy_kept,
-                kept,
-                kept is not None and kept >= spec.min_accuracy_kept,
-                "mean QA accuracy, % of dense" if kept is not None else "no QA accuracy measured (evaluation.qa)",
+            SignoffCheck(
+                name="min_accuracy_kept",
+                threshold=spec.min_accuracy_kept,
+                value=kept,
+                passed=kept is not None and kept >= spec.min_accuracy_kept,
+                detail="mean QA accuracy, % of dense"
+                if kept is not None
+                else "no QA accuracy measured (evaluation.qa)",
             )
         )
     if spec.max_perplexity_ratio is not None:
@@ -65,24 +62,24 @@ def evaluate_signoff(
         worst = max(ratios.values()) if ratios else None
         worst_corpus = max(ratios, key=ratios.get) if ratios else None
         checks.append(
-            Check(
-                "max_perplexity_ratio",
-                spec.max_perplexity_ratio,
-                worst,
-                worst is not None and worst <= spec.max_perplexity_ratio,
-                f"worst corpus: {worst_corpus}" if ratios else "no perplexity measured (evaluation.perplexity)",
+            SignoffCheck(
+                name="max_perplexity_ratio",
+                threshold=spec.max_perplexity_ratio,
+                value=worst,
+                passed=worst is not None and worst <= spec.max_perplexity_ratio,
+                detail=f"worst corpus: {worst_corpus}" if ratios else "no perplexity measured (evaluation.perplexity)",
             )
         )
     if spec.min_speedup is not None:
         slowest = min(speedups.values()) if speedups else None
         slowest_runtime = min(speedups, key=speedups.get) if speedups else None
         checks.append(
-            Check(
-                "min_speedup",
-                spec.min_speedup,
-                slowest,
-                slowest is not None and slowest >= spec.min_speedup,
-                f"slowest runtime: {slowest_runtime}" if speedups else "no latency measured (run with --bench)",
+            SignoffCheck(
+                name="min_speedup",
+                threshold=spec.min_speedup,
+                value=slowest,
+                passed=slowest is not None and slowest >= spec.min_speedup,
+                detail=f"slowest runtime: {slowest_runtime}" if speedups else "no latency measured (run with --bench)",
             )
         )
-    return {"checks": [asdict(c) for c in checks], "passed": all(c.passed for c in checks)}
+    return Signoff(checks=checks, passed=all(c.passed for c in checks))

@@ -1,43 +1,44 @@
-"""The residual stream at every layer boundary for the calibration batches.
+"""The residual stream at every layer boundary for the calibration batches, computed layer by layer.
 
-One full forward captures, for each batch, the input of every decoder layer and of the final
-norm, plus the keyword arguments each layer was called with (masks, rotary embeddings). After a
-layer is removed only the layers after the gap are run again: the stream before the gap is either
-untouched (post-gap fold) or exactly alpha times the cached one (pre-gap fold, up to the RMSNorm
-epsilon), so it is rescaled instead of recomputed.
+Capturing runs the calibration set through the model one decoder layer at a time (each layer is
+materialised once and applied to every batch), storing the input of every layer and of the final
+norm in a ``StreamCache``. After a layer is removed only the layers after the gap are run again:
+the stream before the gap is either untouched (post-gap fold) or exactly alpha times the cached
+one (pre-gap fold, up to the RMSNorm epsilon), which the cache records as a factor.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from prunecomp_export.adapters import Adapter
+from prunecomp_export.layerwise import LayerwiseModel, layer_output, trim_host_memory
 from prunecomp_export.progress import Reporter
-
-
-def layer_output(result) -> torch.Tensor:
-    """Decoder layers return a tensor from transformers ~4.54 on, a tuple before."""
-    return result[0] if isinstance(result, (tuple, list)) else result
+from prunecomp_export.stream_cache import StreamCache
+from prunecomp_export.variant import Variant
 
 
 @dataclass
 class ResidualStreams:
-    model: nn.Module
-    adapter: Adapter
+    model: LayerwiseModel
     batches: list[torch.Tensor]
-    #: states[b][k]: input of current layer k for batch b; states[b][-1] is the final norm's input
-    states: list[list[torch.Tensor]] = field(default_factory=list)
-    #: layer_kwargs[b][k]: the keyword arguments current layer k receives for batch b
+    cache: StreamCache
+    #: the model as it stands: kept original layers and the factors folded so far
+    variant: Variant
+    #: layer_kwargs[b][original layer]: keyword arguments that layer receives for batch b
     layer_kwargs: list[list[dict]] = field(default_factory=list)
     layer_forwards: int = 0
 
     @property
+    def adapter(self):
+        return self.model.adapter
+
+    @property
     def num_layers(self) -> int:
-        return len(self.adapter.layers(self.model))
+        return len(self.variant.kept)
 
     def full_forward_cost(self) -> int:
         """Layer-forwards of one full forward of the current model over all batches."""
@@ -45,92 +46,78 @@ class ResidualStreams:
 
     @torch.no_grad()
     def capture(self, reporter: Reporter | None = None) -> None:
-        """Run the model once over every batch, recording each layer's input and call kwargs."""
-        self.states, self.layer_kwargs = [], []
-        layers = list(self.adapter.layers(self.model))
-        for input_ids in (reporter or Reporter()).track(self.batches, "calibration batches"):
-            inputs: list[torch.Tensor | None] = [None] * (len(layers) + 1)
-            kwargs: list[dict] = [{}] * len(layers)
-            handles = []
-            for k, layer in enumerate(layers):
-                handles.append(layer.register_forward_pre_hook(self._recorder(k, inputs, kwargs), with_kwargs=True))
-            handles.append(self.adapter.final_norm(self.model).register_forward_pre_hook(self._final_recorder(inputs)))
-            try:
-                self.adapter.decoder(self.model)(input_ids=input_ids, use_cache=False)
-            finally:
-                for handle in handles:
-                    handle.remove()
-            self.states.append(inputs)  # type: ignore[arg-type]
+        """Embed every batch, record each layer's call kwargs, and run all layers (layer-major)."""
+        while len(self.cache):
+            self.cache.delete(0)
+        for _ in range(self.num_layers + 1):
+            self.cache.insert(0)
+        self.layer_kwargs = []
+        for b, input_ids in enumerate(self.batches):
+            hidden, kwargs = self.model.layer_inputs(input_ids, self.variant.embedding_scale)
+            self.cache.put(0, b, hidden)
             self.layer_kwargs.append(kwargs)
-            self.layer_forwards += len(layers)
+        self.run_from(0, reporter)
 
-    @staticmethod
-    def _recorder(k: int, inputs: list, kwargs: list):
-        def hook(_module, args, kw):
-            hidden = args[0] if args else kw["hidden_states"]
-            inputs[k] = hidden.detach()
-            kwargs[k] = {name: value for name, value in kw.items() if name != "hidden_states"}
+    def apply(self, layer, k: int, b: int, hidden: torch.Tensor) -> torch.Tensor:
+        self.layer_forwards += 1
+        return layer_output(layer(hidden, **self.layer_kwargs[b][self.variant.kept[k]]))
 
-        return hook
-
-    @staticmethod
-    def _final_recorder(inputs: list):
-        def hook(_module, args):
-            inputs[-1] = args[0].detach()
-
-        return hook
-
-    def boundary(self, k: int) -> list[torch.Tensor]:
-        """The stream entering current layer k (k == num_layers: entering the final norm), per batch."""
-        return [states[k] for states in self.states]
+    def layer(self, k: int):
+        return self.model.layer(self.variant.kept[k], self.variant.writer_scale[k], k)
 
     @torch.no_grad()
-    def run_layers(self, batch: int, start: int, hidden: torch.Tensor, skip: int | None = None) -> torch.Tensor:
-        """Run current layers start..end on ``hidden`` for one batch (optionally bypassing one)."""
-        layers = self.adapter.layers(self.model)
-        for k in range(start, len(layers)):
-            if k == skip:
-                continue
-            hidden = layer_output(layers[k](hidden, **self.layer_kwargs[batch][k]))
-            self.layer_forwards += 1
+    def run_from(self, start: int, reporter: Reporter | None = None) -> None:
+        """Recompute boundaries start+1..end from boundary ``start``, one layer at a time."""
+        for k in (reporter or Reporter()).track(range(start, self.num_layers), "layers"):
+            with self.layer(k) as layer:
+                for b in range(len(self.batches)):
+                    self.cache.put(k + 1, b, self.apply(layer, k, b, self.cache.get(k, b)))
+        trim_host_memory()
+
+    def boundary(self, k: int) -> Iterator[torch.Tensor]:
+        """The stream entering current layer k (k == num_layers: entering the final norm), per batch."""
+        return self.cache.batches(k)
+
+    @torch.no_grad()
+    def final_streams_from(self, k: int, first_layer: int) -> list[torch.Tensor]:
+        """Run current layers first_layer.. on the streams at boundary ``k`` (bypassing those in between)."""
+        hidden = list(self.boundary(k))
+        for j in range(first_layer, self.num_layers):
+            with self.layer(j) as layer:
+                hidden = [self.apply(layer, j, b, h) for b, h in enumerate(hidden)]
         return hidden
 
     @torch.no_grad()
-    def after_removal(self, index: int, count: int = 1, scale_before: float = 1.0) -> None:
-        """Update the cache after layers index..index+count-1 were deleted from the model.
-
-        ``scale_before`` is alpha for the pre-gap fold (the stream before the gap grows by alpha),
-        1 for the post-gap fold. Only the layers after the gap are recomputed.
-        """
-        for b, states in enumerate(self.states):
-            del states[index + 1 : index + 1 + count]
-            del self.layer_kwargs[b][index : index + count]
-            if scale_before != 1.0:
-                for k in range(index + 1):
-                    states[k] = (states[k].float() * scale_before).to(states[k].dtype)
-            hidden = states[index]
-            layers = self.adapter.layers(self.model)
-            for k in range(index, len(layers)):
-                hidden = layer_output(layers[k](hidden, **self.layer_kwargs[b][k]))
-                self.layer_forwards += 1
-                states[k + 1] = hidden
+    def after_removal(self, index: int, count: int, variant: Variant, scale_before: float = 1.0) -> None:
+        """Layers index..index+count-1 were removed and ``variant`` is the model now: drop their
+        outputs, rescale the stream before the gap (pre-gap fold) and rerun the layers after it."""
+        for _ in range(count):
+            self.cache.delete(index + 1)
+        if scale_before != 1.0:
+            for k in range(index + 1):
+                self.cache.rescale(k, scale_before)
+        self.variant = variant
+        self.run_from(index)
 
     @torch.no_grad()
     def lm_loss(self, final_streams: list[torch.Tensor] | None = None) -> float:
         """Mean next-token NLL of the calibration tokens, from the streams entering the final norm."""
         finals = final_streams if final_streams is not None else self.boundary(self.num_layers)
         total, count = 0.0, 0
-        for input_ids, hidden in zip(self.batches, finals, strict=True):
-            total_b, count_b = token_nll(self.model, self.adapter, hidden, input_ids)
-            total += total_b
-            count += count_b
+        with self.model.head(self.variant.embedding_scale, self.variant.untie) as logits_of:
+            for input_ids, hidden in zip(self.batches, finals, strict=True):
+                nll, n = token_nll(logits_of, hidden, input_ids)
+                total, count = total + nll, count + n
         return total / count
 
 
-def token_nll(
-    model: nn.Module, adapter: Adapter, final_stream: torch.Tensor, input_ids: torch.Tensor
-) -> tuple[float, int]:
-    """Sum of next-token NLL (fp32) and the token count, from the stream entering the final norm."""
-    logits = adapter.lm_head(model)(adapter.final_norm(model)(final_stream)).float()
-    nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), input_ids[:, 1:].reshape(-1), reduction="sum")
-    return nll.item(), input_ids[:, 1:].numel()
+def token_nll(logits_of, hidden: torch.Tensor, input_ids: torch.Tensor, chunk: int = 256) -> tuple[float, int]:
+    """Sum of next-token NLL (fp32) and the token count. The logits are made ``chunk`` positions at a
+    time: a 128k-token vocabulary makes a batch's logits far larger than its stream."""
+    targets = input_ids.to(hidden.device)[:, 1:].reshape(-1)
+    positions = hidden[:, :-1].reshape(-1, hidden.shape[-1])
+    total = 0.0
+    for start in range(0, positions.shape[0], chunk):
+        logits = logits_of(positions[start : start + chunk])
+        total += F.cross_entropy(logits.float(), targets[start : start + chunk], reduction="sum").item()
+    return total, targets.numel()

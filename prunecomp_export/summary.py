@@ -8,7 +8,8 @@ from rich.console import Console
 from rich.table import Table
 
 from prunecomp_export.pipeline import DryRunResult, RunResult
-from prunecomp_export.report import summary_table
+from prunecomp_export.report import cost_table, execution_line, summary_table
+from prunecomp_export.results import RunResults
 
 
 def print_dry_run(result: DryRunResult, console: Console) -> None:
@@ -42,7 +43,13 @@ def print_run(result: RunResult, console: Console) -> None:
             f"{share:.2f}x" if r.layer_forwards else "",
         )
     console.print(rounds)
-    header, rows = summary_table(result.results)
+    if result.results is not None:
+        _print_results(result, result.results, console)
+    console.print(f"wrote {result.output} (report.html, results.json) in {result.seconds:.0f} s")
+
+
+def _print_results(result: RunResult, results: RunResults, console: Console) -> None:
+    header, rows = summary_table(results)
     if rows:
         table = Table(title=f"accuracy, {result.layers_before} -> {result.layers_after} layers")
         for column in header:
@@ -50,11 +57,18 @@ def print_run(result: RunResult, console: Console) -> None:
         for row in rows:
             table.add_row(*row)
         console.print(table)
-    signoff = result.results.get("signoff", {"checks": [], "passed": True})
-    for check in signoff["checks"]:
-        value = "missing" if check["value"] is None else f"{check['value']:.3f}"
-        verdict = "[green]PASS[/green]" if check["passed"] else "[red]FAIL[/red]"
-        console.print(f"sign-off {check['name']}: {value} (required {check['threshold']}) {verdict} {check['detail']}")
-    if signoff["checks"]:
-        console.print("sign-off: " + ("[green]PASS[/green]" if signoff["passed"] else "[red]FAIL[/red]"))
-    console.print(f"wrote {result.output} (report.html, results.json) in {result.seconds:.0f} s")
+    signoff = results.signoff
+    for check in signoff.checks:
+        value = "missing" if check.value is None else f"{check.value:.3f}"
+        verdict = "[green]PASS[/green]" if check.passed else "[red]FAIL[/red]"
+        console.print(f"sign-off {check.name}: {value} (required {check.threshold}) {verdict} {check.detail}")
+    if signoff.checks:
+        console.print("sign-off: " + ("[green]PASS[/green]" if signoff.passed else "[red]FAIL[/red]"))
+    header, rows = cost_table(results)
+    table = Table(title="cost per stage")
+    for column in header:
+        table.add_column(column, justify="right")
+    for row in rows:
+        table.add_row(*row)
+    console.print(table)
+    console.print(execution_line(results))

@@ -127,3 +127,47 @@ def _one_thread():
 def batches() -> list[torch.Tensor]:
     generator = torch.Generator().manual_seed(1)
     return list(torch.randint(3, 128, (4, 24), generator=generator).split(2))
+
+
+def layerwise_of(model, directory, *, resident: bool = True):
+    """``model`` saved to ``directory`` and opened as the engine sees a source: a LayerwiseModel."""
+    from prunecomp_export.adapters import adapter_for
+    from prunecomp_export.layerwise import LayerwiseModel
+    from prunecomp_export.weights import SafetensorsCheckpoint
+
+    model.save_pretrained(directory)
+    dtype = next(model.parameters()).dtype
+    return LayerwiseModel(
+        SafetensorsCheckpoint(directory), model.config, adapter_for(model.config), torch.device("cpu"), dtype,
+        resident=resident, attn_implementation=model.config._attn_implementation,
+    )  # fmt: skip
+
+
+def prune_streamed(model, batches, plan, directory, schedule: str = "iterative", cache: str = "device"):
+    """Run the engine on ``model`` (saved to ``directory``) and return the trajectory; the model itself
+    is untouched (``engine.replay`` folds the trajectory into it in memory, the tests' reference)."""
+    from prunecomp_export.engine import prune
+    from prunecomp_export.stream_cache import StreamCache
+
+    layerwise = layerwise_of(model, directory)
+    with StreamCache.open(cache, torch.device("cpu"), len(batches), directory) as streams:  # type: ignore[arg-type]
+        return prune(layerwise, batches, plan, schedule, streams)
+
+
+def variants_of(model, directory, plan, *, resident: bool = True):
+    """``model`` saved to ``directory`` as a run's ModelVariants (its dense source and the variants a
+    trajectory describes, each computed layer by layer from the files)."""
+    from pathlib import Path
+
+    from prunecomp_export.models import ModelVariants
+
+    layerwise = layerwise_of(model, directory, resident=resident)
+    return ModelVariants(
+        Path(directory),
+        layerwise.source,
+        model.config,
+        layerwise.adapter,
+        layerwise,
+        plan,
+        Path(directory) / ".scratch",
+    )

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import re
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,11 +15,11 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFa
 
 from prunecomp_export.adapters import adapter_for
 from prunecomp_export.adapters.moe import sparse_layers
-from prunecomp_export.checkpoint import save_checkpoint, staged_directory, verify_reload
-from prunecomp_export.engine import make_plan, prune
+from prunecomp_export.checkpoint import save_checkpoint, verify_reload
+from prunecomp_export.engine import make_plan, replay
 from prunecomp_export.errors import ValidationFailed
 from prunecomp_export.recipe import PruneSpec
-from tests.conftest import MOES, TIED, make_model
+from tests.conftest import MOES, TIED, make_model, prune_streamed
 
 
 def tiny_tokenizer() -> PreTrainedTokenizerFast:
@@ -29,12 +31,30 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="t0", eos_token="t2", pad_token="t0")
 
 
+def prune_in_memory(model, batches, plan) -> None:
+    """Run the streamed engine on ``model``'s saved files, then fold its trajectory into ``model``
+    in memory with ``engine.replay`` (the independent, in-memory fold)."""
+    with tempfile.TemporaryDirectory(prefix="prunecomp-test-src-") as source:
+        trajectory = prune_streamed(model, batches, plan, Path(source))
+    replay(model, adapter_for(model.config), trajectory.steps, trajectory.fold_form, trajectory.untie)
+
+
 def pruned(arch: str, batches, drop: list[int], tied: bool = False, **kwargs):
     model = make_model(arch, tied=tied, **kwargs)
     adapter = adapter_for(model.config)
     plan = make_plan(PruneSpec(drop_layers=drop), 6, adapter.embeddings_tied(model))
-    prune(model, adapter, batches, plan, "iterative")
+    prune_in_memory(model, batches, plan)
     return model
+
+
+@torch.no_grad()
+def reload_check(model, directory, sample) -> dict:
+    """``verify_reload`` against the in-memory pruned model's own logits."""
+    expected = model(input_ids=sample, use_cache=False).logits.float()
+    return verify_reload(
+        directory, sample, expected, dtype=next(model.parameters()).dtype,
+        attn_implementation=model.config._attn_implementation,
+    )  # fmt: skip
 
 
 def mlp_kinds(model) -> list[str]:
@@ -49,7 +69,7 @@ def test_reloaded_checkpoint_reproduces_logits_and_generates_with_cache(arch, ba
     # sdpa for Gemma-2 too, so the independent check below (transformers' default attention) compares alike
     model = pruned(arch, batches, [1, 4], tied=arch in TIED, attn="sdpa")
     save_checkpoint(model, tiny_tokenizer(), tmp_path)
-    result = verify_reload(model, tmp_path, batches[0])
+    result = reload_check(model, tmp_path, batches[0])
     assert result["reloaded_layers"] == 4
     assert result["max_abs_logit_diff"] < 1e-5
     assert result["generate_cache_equals_no_cache"]
@@ -92,7 +112,7 @@ def test_per_layer_config_fields_keep_the_kept_layers(arch, drop, batches, tmp_p
     kept = [i for i in range(6) if i not in drop]
     types = list(getattr(model.config, "layer_types", None) or [])
     windows, kinds = attention_windows(model), mlp_kinds(model)
-    prune(model, adapter_for(model.config), batches, make_plan(PruneSpec(drop_layers=drop), 6, False), "iterative")
+    prune_in_memory(model, batches, make_plan(PruneSpec(drop_layers=drop), 6, False))
     save_checkpoint(model, tiny_tokenizer(), tmp_path)
     config = AutoConfig.from_pretrained(tmp_path)
     assert config.num_hidden_layers == 4
@@ -113,45 +133,41 @@ def test_per_layer_config_fields_keep_the_kept_layers(arch, drop, batches, tmp_p
 def test_qwen2_max_window_layers_counts_kept_full_attention_layers(batches):
     model = make_model("qwen2")  # max_window_layers=3: layers 0,1,2 full, 3,4,5 sliding
     assert model.config.layer_types == ["full_attention"] * 3 + ["sliding_attention"] * 3
-    adapter = adapter_for(model.config)
-    prune(model, adapter, batches, make_plan(PruneSpec(drop_layers=[1, 4]), 6, False), "iterative")
+    prune_in_memory(model, batches, make_plan(PruneSpec(drop_layers=[1, 4]), 6, False))
     assert model.config.max_window_layers == 2
     assert model.config.layer_types == ["full_attention"] * 2 + ["sliding_attention"] * 2
 
 
 def test_untied_checkpoint_saves_its_own_lm_head(batches, tmp_path):
     model = make_model("llama", tied=True)
-    adapter = adapter_for(model.config)
     plan = make_plan(PruneSpec(drop_layers=[2], tied_embedding="untie"), 6, True)
-    prune(model, adapter, batches, plan, "iterative")
+    prune_in_memory(model, batches, plan)
     save_checkpoint(model, tiny_tokenizer(), tmp_path)
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
     assert reloaded.config.tie_word_embeddings is False
     assert not torch.equal(reloaded.lm_head.weight, reloaded.model.embed_tokens.weight)
-    assert verify_reload(model, tmp_path, batches[0])["max_abs_logit_diff"] < 1e-5
+    assert reload_check(model, tmp_path, batches[0])["max_abs_logit_diff"] < 1e-5
 
 
 def test_verify_reload_fails_when_the_checkpoint_differs(batches, tmp_path):
     model = pruned("llama", batches, [2])
     save_checkpoint(model, tiny_tokenizer(), tmp_path)
+    weight = model.model.layers[0].mlp.down_proj.weight
+    saved = weight.detach().clone()
     with torch.no_grad():
-        model.model.layers[0].mlp.down_proj.weight.mul_(1.5)
+        weight.mul_(1.5)
     with pytest.raises(ValidationFailed, match="differ"):
-        verify_reload(model, tmp_path, batches[0])
+        reload_check(model, tmp_path, batches[0])
+    with torch.no_grad():
+        weight.copy_(saved)
+    assert reload_check(model, tmp_path, batches[0])["max_abs_logit_diff"] < 1e-5  # and passes when it matches
 
 
-def test_staged_directory_leaves_nothing_on_failure(tmp_path):
-    target = tmp_path / "out"
-    with pytest.raises(RuntimeError), staged_directory(target, overwrite=False) as stage:
-        (stage / "partial.txt").write_text("x")
-        raise RuntimeError("boom")
-    assert list(tmp_path.iterdir()) == []
-    with staged_directory(target, overwrite=False) as stage:
-        (stage / "done.txt").write_text("ok")
-    assert (target / "done.txt").read_text() == "ok"
-    with pytest.raises(FileExistsError), staged_directory(target, overwrite=False):
-        pass
-    with staged_directory(target, overwrite=True) as stage:
-        (stage / "new.txt").write_text("new")
-    assert sorted(p.name for p in target.iterdir()) == ["new.txt"]
-    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+def test_verify_reload_refuses_non_finite_logits(batches, tmp_path):
+    model = pruned("llama", batches, [2])
+    with torch.no_grad():
+        model.model.norm.weight.fill_(float("nan"))
+    save_checkpoint(model, tiny_tokenizer(), tmp_path)
+    expected = torch.zeros(*batches[0].shape, model.config.vocab_size)
+    with pytest.raises(ValidationFailed, match="non-finite"):
+        verify_reload(tmp_path, batches[0], expected, dtype=torch.float32)

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from prunecomp_export.cli import main
 from prunecomp_export.evaluation import Measurement
 from prunecomp_export.recipe import SignoffSpec
-from prunecomp_export.report import SCHEMA_FILE
+from prunecomp_export.results import SCHEMA, SCHEMA_FILE, RunResults, schema_text
 from prunecomp_export.signoff import accuracy_kept, evaluate_signoff, perplexity_ratios
 from tests.test_recipe_errors import GOOD, tiny_dir, write  # noqa: F401  (fixture)
 
@@ -49,13 +49,13 @@ def test_kept_percent_and_perplexity_ratio_by_hand():
 )
 def test_signoff_thresholds(spec, passed, failing):
     result = evaluate_signoff(spec, ROWS, 2)
-    assert result["passed"] is passed
-    assert [c["name"] for c in result["checks"] if not c["passed"]] == failing
+    assert result.passed is passed
+    assert [c.name for c in result.checks if not c.passed] == failing
 
 
 def test_speedup_threshold_uses_the_slowest_runtime():
     result = evaluate_signoff(SignoffSpec(min_speedup=1.2), ROWS, 2, {"torch": 1.3, "onnxruntime": 1.15})
-    assert not result["passed"] and result["checks"][0]["value"] == 1.15
+    assert not result.passed and result.checks[0].value == 1.15
 
 
 def _run(tmp_path, tiny_dir, signoff: str):  # noqa: F811
@@ -70,13 +70,24 @@ def test_cli_exits_0_when_signoff_passes_and_reports_parse(tmp_path, tiny_dir): 
     out = tmp_path / "out"
     results = json.loads((out / "results.json").read_text())
     jsonschema.validate(results, json.loads(SCHEMA_FILE.read_text()))
+    assert results["schema"] == SCHEMA == "prunecomp-results/2"
+    assert RunResults.model_validate(results).to_json() == results
     assert results["signoff"]["passed"] is True
     # trajectory 'all': Prune&Comp and the baseline at 1 and 2 removed layers, dense once
     points = {(m["variant"], m["layers_removed"]) for m in results["measurements"]}
     assert points == {("dense", 0), ("prunecomp", 1), ("prunecomp", 2), ("baseline", 1), ("baseline", 2)}
-    assert "**PASS**" in (out / "report.md").read_text()
+    markdown = (out / "report.md").read_text()
+    assert "**PASS**" in markdown
+    # every stage measured before the report, with where the weights and the stream cache lived
+    stages = [cost["name"] for cost in results["costs"]]
+    assert stages == ["load", "prune", "evaluate", "save", "targets"]
+    cost = markdown[markdown.index("## Cost") :]
+    names = [line.split(" | ")[0].removeprefix("| ") for line in cost.splitlines() if line.startswith("| ")]
+    assert names == ["stage", *stages]
+    assert f"weights {results['execution']['weights']}" in cost
     page = (out / "report.html").read_text()
     assert "id='verdict'>PASS" in page and "data:image/png;base64," in page
+    assert "<table id='cost'>" in page and "<p id='execution'>" in page
 
 
 def test_cli_exits_1_when_a_threshold_fails_and_still_writes_the_report(tmp_path, tiny_dir):  # noqa: F811
@@ -95,6 +106,85 @@ def test_bad_signoff_key_is_a_recipe_error(tmp_path, tiny_dir):  # noqa: F811
     assert "signoff.min_acuracy_kept: unknown key (did you mean 'min_accuracy_kept'?)" in result.output
 
 
+def test_committed_schema_is_the_one_the_models_generate():
+    """schemas/results.schema.json is RunResults.model_json_schema(): regenerate it with
+    `python -m prunecomp_export.results` after changing a model."""
+    assert SCHEMA_FILE.read_text() == schema_text()
+    schema = json.loads(SCHEMA_FILE.read_text())
+    assert schema["$id"] == SCHEMA
+    assert {"execution", "costs", "peak_rss_bytes"} <= set(schema["required"])
+    jsonschema.Draft202012Validator.check_schema(schema)
+
+
+def hand_made(**fields) -> RunResults:
+    """A complete results.json, 4 -> 2 layers, with nothing measured; ``fields`` replace its parts."""
+    round_ = {"scored_layers": None, "scores": None, "calibration_loss": 4.5, "layer_forwards": 8}
+    base = {
+        "schema": SCHEMA,
+        "created": "2025-01-01T00:00:00+00:00",
+        "model": {"source": "m", "sha256": None, "model_type": "llama", "layers_before": 4, "layers_after": 2,
+                  "layers_removed": 2},
+        "recipe": {},
+        "seeds": {"calibration": 0},
+        "trajectory": {
+            "metric": "block_influence", "schedule": "iterative", "fold_form": "pre_gap", "untie": False,
+            "dense_calibration_loss": 4.0, "removed_in_order": [3, 2],
+            "rounds": [
+                {"round": 1, "step": {"removed": [3], "alpha": 1.0}, **round_, "full_forward_layer_forwards": 8},
+                {"round": 2, "step": {"removed": [2], "alpha": 1.25}, **round_, "full_forward_layer_forwards": 6},
+            ],
+        },
+        "protocol": {"perplexity": None, "qa": None},
+        "measurements": [],
+        "summary": {"perplexity_ratio": {}, "baseline_perplexity_ratio": {}, "accuracy_kept_percent": None,
+                    "baseline_accuracy_kept_percent": None},
+        "bench": None,
+        "signoff": {"passed": True, "checks": []},
+        "execution": {"device": "cpu", "budget_bytes": 16_000_000_000, "weights": "streamed",
+                      "weights_bytes": 140_000_000_000, "stream_cache": "disk", "stream_cache_bytes": 12_340_000_000,
+                      "working_bytes": 3_000_000_000},
+        "costs": [],
+        "peak_rss_bytes": 3_200_000_000,
+        "packages": {},
+        "machine": {},
+    }  # fmt: skip
+    return RunResults.model_validate({**base, **fields})
+
+
+def test_cost_section_shows_every_stage_and_where_things_lived():
+    from prunecomp_export.costs import StageCost
+    from prunecomp_export.report import render_html, render_markdown
+
+    costs = [
+        StageCost(name="load", wall_s=1.234, peak_rss_bytes=2_500_000_000, child_peak_rss_bytes=1_250_000_000),
+        StageCost(name="prune", wall_s=61.0, peak_rss_bytes=3_000_000_000, peak_device_bytes=7_500_000_000),
+        StageCost(name="evaluate", wall_s=0.25, peak_rss_bytes=3_100_000_000, peak_device_bytes=1_000_000,
+                  child_peak_rss_bytes=4_020_000_000),
+    ]  # fmt: skip
+    results = hand_made(costs=costs)
+    markdown = render_markdown(results)
+    cost = markdown[markdown.index("## Cost") : markdown.index("Generated by")]
+    # GB = 1e9 bytes; a figure a stage did not have is n/a
+    assert "| stage | wall time s | peak RSS GB | child process peak GB | device peak GB |" in cost
+    assert "| load | 1.23 | 2.50 | 1.25 | n/a |" in cost
+    assert "| prune | 61.00 | 3.00 | n/a | 7.50 |" in cost
+    assert "| evaluate | 0.25 | 3.10 | 4.02 | 0.00 |" in cost
+    assert len([line for line in cost.splitlines() if line.startswith("| ")]) == 1 + 3
+    assert (
+        "Execution on cpu: weights streamed (140.00 GB), stream cache on disk (12.34 GB); memory budget 16.00 GB. "
+        "Peak RSS of the run's own process: 3.20 GB" in cost
+    )
+    page = render_html(results)
+    assert "<tr><td>load</td><td>1.23</td><td>2.50</td><td>1.25</td><td>n/a</td></tr>" in page
+    assert "<tr><td>prune</td><td>61.00</td><td>3.00</td><td>n/a</td><td>7.50</td></tr>" in page
+    assert "<tr><td>evaluate</td><td>0.25</td><td>3.10</td><td>4.02</td><td>0.00</td></tr>" in page
+    assert "weights streamed (140.00 GB), stream cache on disk (12.34 GB)" in page
+    # no stage measured device memory: no device column
+    cpu_only = render_markdown(hand_made(costs=[StageCost(name="load", wall_s=2.0, peak_rss_bytes=10**9)]))
+    assert "| stage | wall time s | peak RSS GB | child process peak GB |\n" in cpu_only
+    assert "| load | 2.00 | 1.00 | n/a |\n" in cpu_only
+
+
 def test_latency_section_shows_every_row_the_spread_and_the_busy_warning():
     from prunecomp_export.bench import summarise
     from prunecomp_export.recipe import BenchSpec, Scenario
@@ -104,19 +194,9 @@ def test_latency_section_shows_every_row_the_spread_and_the_busy_warning():
     timing = {"p": {"times_ms": [10.0, 11.0, 12.0, 13.0, 14.0]}, "t": {"times_ms": [100.0] * 5}}
     measured = {"scenarios": timing, "runtime_version": "9.9", "load_before": 0.1, "load_after": 9.0, "other_cpu": 1.9}
     raw = {"onnxruntime": {0: measured, 2: measured}}
-    results = json.loads(json.dumps({"bench": summarise(spec, raw, 4, threads=2)}))
     # the rest of a results.json, with nothing measured
-    base = {
-        "schema": "prunecomp-results/1",
-        "model": {"source": "m", "layers_before": 4, "layers_after": 2, "layers_removed": 2},
-        "signoff": {"passed": True, "checks": []},
-        "measurements": [],
-        "summary": {"accuracy_kept_percent": None, "baseline_accuracy_kept_percent": None},
-        "protocol": {"perplexity": None},
-        "trajectory": {"metric": "block_influence", "schedule": "iterative", "rounds": []},
-        "packages": {},
-    }
-    markdown = render_markdown({**base, **results})
+    results = hand_made(bench=json.loads(json.dumps(summarise(spec, raw, 4, threads=2))))
+    markdown = render_markdown(results)
     latency = markdown[markdown.index("## Latency") :]
     assert "**Warning: the machine was busy" in latency
     table = [line for line in latency.splitlines() if line.startswith("| onnxruntime 9.9 |")]
@@ -124,6 +204,6 @@ def test_latency_section_shows_every_row_the_spread_and_the_busy_warning():
     # prefill 10..14 ms: median 12, inclusive quartiles 11 and 13; throughput: 1 x 32 tokens in 0.1 s
     assert "| onnxruntime 9.9 | p | 2 | 12.00 | 11.00-13.00 | 10.00-14.00 | 1.000 |" in latency
     assert "| 320.0 |" in table[-1]
-    page = render_html({**base, **results})
+    page = render_html(results)
     assert "<p class='FAIL warning'>Warning: the machine was busy" in page
     assert page.count("<td>onnxruntime 9.9</td>") == 4

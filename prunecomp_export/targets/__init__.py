@@ -3,6 +3,8 @@
 
 A target module provides:
 - ``Options``: a pydantic model (``extra="forbid"``) of the target's recipe options, with defaults;
+- optionally ``preflight(options)``: the checks that need no model (runtime installed, hardware
+  present), run before any weight is read, raising ``TargetUnavailable``;
 - ``build(checkpoint: Path, out_dir: Path, options: Options) -> dict``: takes the pruned plain
   HF checkpoint, writes everything into ``out_dir`` (a fresh temporary directory that the caller
   renames to ``<output>/targets/<name>`` on success), proves the artifact computes what the
@@ -28,3 +30,11 @@ TARGETS.add("tensorrt", "prunecomp_export.targets.tensorrt")
 def load_target(name: str) -> ModuleType:
     """Import a target's module (cheap: runtimes are imported inside ``build``)."""
     return importlib.import_module(TARGETS.get(name))
+
+
+def build_target(name: str, checkpoint: str, out_dir: str, options: dict) -> dict:
+    """Build one target from its validated options (the entry point of the target's child process)."""
+    from pathlib import Path
+
+    module = load_target(name)
+    return module.build(Path(checkpoint), Path(out_dir), module.Options.model_validate(options))

@@ -678,6 +678,15 @@ def _genai_distribution() -> str:
 # the target
 
 
+def preflight(options: Options) -> None:
+    """Before any weight is read: the exporter, ONNX Runtime (and genai when asked), the provider."""
+    require_exporter()
+    require_onnx_runtime()
+    if options.genai:
+        require_genai()
+    resolve_providers(options.provider)
+
+
 def build(checkpoint: Path, out_dir: Path, options: Options) -> dict:
     """Export, validate in ONNX Runtime, optionally build and check a genai package; return the record."""
     checkpoint, out_dir = Path(checkpoint), Path(out_dir)

@@ -234,6 +234,11 @@ class TrtDecoder:
         return value.data_ptr() if value.numel() else self._placeholder.data_ptr()
 
 
+def preflight(options: Options) -> None:
+    """Before any weight is read: TensorRT and an NVIDIA GPU must be there."""
+    require_tensorrt()
+
+
 def build(checkpoint: Path, out_dir: Path, options: Options) -> dict:
     """Export to ONNX in ``options.precision``, build the engine, check its logits; return the record."""
     trt = require_tensorrt()  # before anything is written

@@ -677,6 +677,11 @@ def run_vllm_offline(
     return result
 
 
+def preflight(options: Options) -> None:
+    """Before any weight is read: an interpreter with vLLM."""
+    require_vllm(resolve_python(options))
+
+
 def build(checkpoint: Path, out_dir: Path, options: Options) -> dict[str, Any]:
     """Check vLLM's greedy tokens against transformers and write vllm_check.json and serve.sh."""
     started = time.perf_counter()

@@ -1,0 +1,103 @@
+"""One owner for the model variants of a run: the dense source, Prune&Comp after k removals and the
+one-shot baseline at k. Each is a ``Variant`` of the source files; this class decides where it
+lives: run layer by layer (perplexity, logits), or written as a plain checkpoint by tensor surgery
+(the output, lm-eval, the bench). No variant is ever a copy of a model in memory.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+from prunecomp_export.adapters import Adapter
+from prunecomp_export.engine import Plan, Step, Trajectory, baseline_layers, steps_for, variant_of
+from prunecomp_export.layerwise import LayerwiseModel, layer_output
+from prunecomp_export.streams import token_nll
+from prunecomp_export.variant import Variant, dense_variant, variant_after
+from prunecomp_export.weights import SafetensorsCheckpoint
+
+
+@dataclass
+class ModelVariants:
+    directory: Path  # the plain safetensors source (a GGUF source's dequantised cache)
+    checkpoint: SafetensorsCheckpoint
+    config: object
+    adapter: Adapter
+    model: LayerwiseModel
+    plan: Plan
+    scratch: Path  # where temporary checkpoints go (inside the run's staging directory)
+
+    # -- which variants -------------------------------------------------------------------------
+    @property
+    def dense(self) -> Variant:
+        return dense_variant(self.plan.num_layers)
+
+    def prunecomp(self, trajectory: Trajectory, layers_removed: int) -> Variant | None:
+        """The run's model after ``layers_removed`` removals, if the run passed through that count."""
+        steps = steps_for(trajectory, layers_removed)
+        return None if steps is None else variant_of("prunecomp", self.plan, steps)
+
+    def baseline(self, trajectory: Trajectory, layers_removed: int) -> Variant:
+        """The paper's baseline: the same metric's one-shot choice, no compensation."""
+        removed = baseline_layers(self.plan, trajectory, layers_removed)
+        steps = [Step([i], 1.0) for i in removed]
+        return variant_after("baseline", self.plan.num_layers, [(s.removed, s.alpha) for s in steps], None)
+
+    # -- run layer by layer ---------------------------------------------------------------------
+    @torch.no_grad()
+    def final_streams(self, variant: Variant, batches: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The stream entering the final norm for each batch, running one layer at a time."""
+        inputs = [self.model.layer_inputs(ids, variant.embedding_scale) for ids in batches]
+        hidden = [h for h, _kwargs in inputs]
+        for k, (original, scale) in enumerate(zip(variant.kept, variant.writer_scale, strict=True)):
+            with self.model.layer(original, scale, k) as layer:
+                hidden = [
+                    layer_output(layer(h, **kwargs[original])) for h, (_h, kwargs) in zip(hidden, inputs, strict=True)
+                ]
+        return hidden
+
+    @torch.no_grad()
+    def logits(self, variant: Variant, input_ids: torch.Tensor) -> torch.Tensor:
+        (hidden,) = self.final_streams(variant, [input_ids])
+        with self.model.head(variant.embedding_scale, variant.untie) as logits_of:
+            return logits_of(hidden).cpu()
+
+    @torch.no_grad()
+    def perplexity(self, variant: Variant, windows: torch.Tensor, batch_size: int) -> float:
+        """Token perplexity over ``windows`` (the paper's protocol), exp of the mean next-token NLL."""
+        batches = list(windows.split(batch_size))
+        total, count = 0.0, 0
+        finals = self.final_streams(variant, batches)
+        with self.model.head(variant.embedding_scale, variant.untie) as logits_of:
+            for input_ids, hidden in zip(batches, finals, strict=True):
+                nll, n = token_nll(logits_of, hidden, input_ids)
+                total, count = total + nll, count + n
+        return math.exp(total / count)
+
+    # -- write as a checkpoint ------------------------------------------------------------------
+    def write(self, variant: Variant, directory: Path, max_shard_size: int | str = "5GB") -> None:
+        from prunecomp_export.tensor_surgery import write_variant_checkpoint
+
+        write_variant_checkpoint(self.checkpoint, self.config, self.adapter, variant, directory, max_shard_size)
+
+    @contextmanager
+    def materialised(self, variant: Variant) -> Iterator[Path]:
+        """A plain checkpoint of ``variant`` for a tool that loads one (lm-eval, a bench worker),
+        removed afterwards. The dense variant is the source directory itself."""
+        if variant == replace(self.dense, name=variant.name):
+            yield self.directory
+            return
+        self.scratch.mkdir(parents=True, exist_ok=True)
+        directory = Path(tempfile.mkdtemp(prefix=f"{variant.name}-{variant.layers_removed}-", dir=self.scratch))
+        try:
+            self.write(variant, directory)
+            yield directory
+        finally:
+            shutil.rmtree(directory, ignore_errors=True)

@@ -1,0 +1,172 @@
+"""``results.json`` as typed models: a run builds one ``RunResults``, the reports read its attributes,
+and it is dumped once to ``results.json``. The JSON schema in ``schemas/results.schema.json`` is
+generated from these models (``python -m prunecomp_export.results`` writes it; a test checks that
+the committed file is what the models generate)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from prunecomp_export.costs import StageCost
+
+SCHEMA = "prunecomp-results/2"
+SCHEMA_FILE = Path(__file__).resolve().parent / "schemas" / "results.schema.json"
+
+Variant = Literal["dense", "baseline", "prunecomp"]
+
+
+class _Strict(BaseModel):
+    """Unknown keys are an error, so results.json cannot grow a field the schema does not describe."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelInfo(_Strict):
+    source: str
+    sha256: str | None
+    model_type: str
+    layers_before: int = Field(ge=1)
+    layers_after: int = Field(ge=1)
+    layers_removed: int = Field(ge=1)
+
+
+class TrajectoryStep(_Strict):
+    """One removal: contiguous original layer indices and the alpha folded for them."""
+
+    removed: list[int] = Field(min_length=1)
+    alpha: float = Field(gt=0)
+
+
+class TrajectoryRound(_Strict):
+    round: int
+    step: TrajectoryStep
+    scored_layers: list[int] | None
+    #: None where a layer was not scored (a protected layer)
+    scores: list[float | None] | None
+    #: NaN on the rounds of a one-shot run before the last
+    calibration_loss: float | None
+    layer_forwards: int
+    full_forward_layer_forwards: int
+
+
+class TrajectoryInfo(_Strict):
+    """``engine.Trajectory.to_json()``."""
+
+    metric: str
+    schedule: str
+    fold_form: Literal["pre_gap", "post_gap"] | None
+    untie: bool
+    dense_calibration_loss: float
+    removed_in_order: list[int]
+    rounds: list[TrajectoryRound] = Field(min_length=1)
+
+
+class MeasurementRow(_Strict):
+    """``evaluation.Measurement`` as it goes into results.json."""
+
+    variant: Variant
+    layers_removed: int = Field(ge=0)
+    kind: Literal["perplexity", "accuracy"]
+    dataset: str
+    value: float
+    details: dict[str, Any] = {}
+
+
+class Summary(_Strict):
+    """The final pruned model against the dense one."""
+
+    perplexity_ratio: dict[str, float]
+    baseline_perplexity_ratio: dict[str, float]
+    accuracy_kept_percent: float | None
+    baseline_accuracy_kept_percent: float | None
+
+
+class SignoffCheck(_Strict):
+    name: Literal["min_accuracy_kept", "max_perplexity_ratio", "min_speedup"]
+    threshold: float
+    value: float | None
+    passed: bool
+    detail: str
+
+
+class Signoff(_Strict):
+    checks: list[SignoffCheck]
+    #: every check passed (True when the recipe sets none)
+    passed: bool
+
+
+class Execution(_Strict):
+    """``execution.Placement.describe()``: where the weights and the stream cache lived."""
+
+    device: str
+    budget_bytes: int
+    weights: Literal["resident", "streamed"]
+    weights_bytes: int
+    stream_cache: Literal["device", "host", "disk"]
+    stream_cache_bytes: int
+    working_bytes: int
+
+
+class RunResults(_Strict):
+    model_config = ConfigDict(
+        extra="forbid",
+        serialize_by_alias=True,
+        validate_by_name=True,
+        validate_by_alias=True,
+        title="prunecomp-export results.json",
+        json_schema_extra={"$schema": "https://json-schema.org/draft/2020-12/schema", "$id": SCHEMA},
+    )
+
+    # "schema" in the file (required there, so no default); ``schema_id`` here (``schema`` is a BaseModel attribute)
+    schema_id: Literal["prunecomp-results/2"] = Field(alias="schema")
+    created: str
+    model: ModelInfo
+    recipe: dict[str, Any]
+    seeds: dict[str, int]
+    trajectory: TrajectoryInfo
+    protocol: dict[str, Any]
+    measurements: list[MeasurementRow]
+    summary: Summary
+    bench: dict[str, Any] | None
+    signoff: Signoff
+    execution: Execution
+    costs: list[StageCost]
+    #: the CLI process's own peak RSS over the run (children not included)
+    peak_rss_bytes: int
+    packages: dict[str, str | None]
+    machine: dict[str, Any]
+
+    def to_json(self) -> dict[str, Any]:
+        """The content of results.json (NaN and infinities stay floats, as ``json.dumps`` writes them)."""
+        return self.model_dump(mode="json")
+
+
+def schema_text() -> str:
+    """The JSON schema of results.json, as committed in ``schemas/results.schema.json``."""
+    return json.dumps(RunResults.model_json_schema(), indent=2) + "\n"
+
+
+def write_schema(path: Path = SCHEMA_FILE) -> Path:
+    path.write_text(schema_text())
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m prunecomp_export.results``: regenerate the schema file; ``--check``: exit 1 if it is stale."""
+    args = sys.argv[1:] if argv is None else argv
+    if "--check" in args:
+        if SCHEMA_FILE.read_text() != schema_text():
+            print(f"{SCHEMA_FILE} is stale: run python -m prunecomp_export.results", file=sys.stderr)
+            return 1
+        return 0
+    print(f"wrote {write_schema()}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
