@@ -21,7 +21,6 @@ import importlib.util
 import json
 import math
 import resource
-import struct
 import sys
 import time
 from collections.abc import Iterator
@@ -29,6 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from prunecomp_export.safetensors_stream import DTYPE_NAMES, Entry, SafetensorsWriter
 
 PRESETS: dict[str, dict] = {
     "tinyllama-1.1b": dict(
@@ -55,7 +56,6 @@ PRESETS: dict[str, dict] = {
     ),
 }
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-SAFETENSORS_DTYPES = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}
 #: elements generated at a time (16 MB in fp32); part of what fixes the values, so do not change it lightly
 CHUNK_ELEMENTS = 4 * 1024 * 1024
 WEIGHT_STD = 0.02
@@ -137,35 +137,16 @@ def _data_order(specs: list[TensorSpec]) -> list[TensorSpec]:
 
 
 def write_shard_streaming(path: Path, specs: list[TensorSpec], dtype: torch.dtype, seed: int) -> int:
-    """Write one safetensors file, one chunk in memory at a time; returns the data size in bytes.
-
-    The format is an 8-byte little-endian header length, a JSON header (``__metadata__`` first, then
-    each tensor's dtype, shape and [begin, end) byte offsets in data order, space-padded to a multiple
-    of 8) and the raw little-endian data. Byte for byte what ``safetensors.torch.save_file`` writes.
-    """
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    header: dict[str, dict] = {"__metadata__": {"format": "pt"}}
-    offset = 0
+    """Write one safetensors file, one chunk in memory at a time (the package's streaming writer,
+    given save_file's data order, writes what save_file writes byte for byte); returns the data size."""
     ordered = _data_order(specs)
-    for spec in ordered:
-        size = spec.numel * itemsize
-        header[spec.name] = {
-            "dtype": SAFETENSORS_DTYPES[dtype],
-            "shape": list(spec.shape),
-            "data_offsets": [offset, offset + size],
-        }
-        offset += size
-    encoded = json.dumps(header, separators=(",", ":")).encode()
-    encoded += b" " * (-len(encoded) % 8)
+    entries = [Entry(spec.name, DTYPE_NAMES[dtype], tuple(spec.shape)) for spec in ordered]
     partial = path.with_name(path.name + ".partial")
-    with open(partial, "wb") as f:
-        f.write(struct.pack("<Q", len(encoded)))
-        f.write(encoded)
+    with SafetensorsWriter(partial, entries) as out:
         for spec in ordered:
-            for chunk in tensor_chunks(spec, dtype, seed):
-                f.write(chunk.view(torch.uint8).numpy())  # bf16 has no numpy dtype; its bytes do
+            out.write_chunks(spec.name, tensor_chunks(spec, dtype, seed))
     partial.replace(path)
-    return offset
+    return sum(entry.nbytes for entry in entries)
 
 
 def write_shard_save_file(path: Path, specs: list[TensorSpec], dtype: torch.dtype, seed: int) -> int:

@@ -215,8 +215,14 @@ class LayerwiseModel:
                 _release(embedding)
         return first[0], recorded
 
-    def nbytes_of(self, keys) -> int:
-        """Bytes ``keys`` take in the compute dtype (from the headers: nothing is read)."""
-        size = torch.empty((), dtype=self.dtype).element_size()
-        headers = self.source.headers()
-        return sum(size * math.prod(headers[key][1]) for key in keys)
+
+def slice_bytes(source: SafetensorsCheckpoint, adapter: Adapter, dtype: torch.dtype) -> tuple[int, int]:
+    """Bytes of all the weights in ``dtype``, and of the largest slice that is ever resident alone
+    (one decoder layer, or the embedding, final norm and head together), from the headers alone."""
+    size = torch.empty((), dtype=dtype).element_size()
+    per_slice: dict[str, int] = {}
+    for key, (_dtype, shape) in source.headers().items():
+        layer = adapter.split_layer_key(key)
+        name = f"layer {layer[0]}" if layer is not None else "outside the layers"
+        per_slice[name] = per_slice.get(name, 0) + size * math.prod(shape)
+    return sum(per_slice.values()), max(per_slice.values())

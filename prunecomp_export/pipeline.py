@@ -182,17 +182,7 @@ def run(recipe: Recipe, targets: list[str], reporter: Reporter | None = None, be
             measurements = _evaluate(checked, loaded, trajectory, reporter)
             cost.child_peak_rss_bytes = loaded.evaluator.child_peak_rss_bytes or None
         with meter.stage("save") as cost:
-            final = loaded.variants.prunecomp(trajectory, checked.plan.num_drop)
-            checkpoint = stage / "checkpoint"
-            reporter.log(f"stage save: writing the checkpoint by tensor surgery to {checked.output / 'checkpoint'}")
-            loaded.variants.write(final, checkpoint, recipe.output.max_shard_size)
-            verification = None
-            if recipe.output.verify:
-                expected = loaded.variants.logits(final, loaded.sample)
-                verification, cost.child_peak_rss_bytes = verify_in_child(
-                    checkpoint, loaded.sample, expected, dtype=loaded.variants.model.dtype,
-                    attn_implementation=recipe.model.attn_implementation, device=str(loaded.variants.model.device),
-                )  # fmt: skip
+            checkpoint, verification = _save(checked, loaded, trajectory, stage, reporter, cost)
         with meter.stage("targets") as cost:
             target_records = _targets(checked, checkpoint, stage, reporter, cost)
         bench_results = None
@@ -225,7 +215,7 @@ def _load(checked: Checked, stage: Path, reporter: Reporter, cost) -> Loaded:
     model, placed by the memory budget."""
     import torch
 
-    from prunecomp_export.layerwise import LayerwiseModel
+    from prunecomp_export.layerwise import LayerwiseModel, slice_bytes
     from prunecomp_export.models import ModelVariants
     from prunecomp_export.weights import SafetensorsCheckpoint
 
@@ -242,26 +232,18 @@ def _load(checked: Checked, stage: Path, reporter: Reporter, cost) -> Loaded:
     device = resolve_device(recipe.execution)
     dtype = compute_dtype(recipe.model, checked.config)
     files = SafetensorsCheckpoint(directory)
-    config = checked.config
-    model = LayerwiseModel(
-        files, config, checked.adapter, device, dtype, resident=False,
-        attn_implementation=recipe.model.attn_implementation,
-    )  # fmt: skip
-    element = torch.tensor([], dtype=dtype).element_size()
-    slices = [model.layer_keys(i) for i in range(model.num_layers)]
-    others = [k for k in files if not k.startswith(checked.adapter.layer_prefix)]
-    weights_bytes = model.nbytes_of(files.keys())
-    largest = max(max(model.nbytes_of(keys) for keys in slices), model.nbytes_of(others))
-    boundaries = checked.plan.num_layers + 1
-    cache_bytes = boundaries * windows.numel() * config.hidden_size * element
+    # the local checkpoint's own config: for GGUF it is what transformers wrote when dequantising
+    config = load_config(ResolvedSource(str(directory), None, True, f"dir:{directory}"), recipe.model)
+    weights_bytes, largest = slice_bytes(files, checked.adapter, dtype)
+    element = torch.empty((), dtype=dtype).element_size()
+    cache_bytes = (checked.plan.num_layers + 1) * windows.numel() * config.hidden_size * element
     placement = plan_placement(
         recipe.execution, device, weights_bytes=weights_bytes, largest_slice_bytes=largest, cache_bytes=cache_bytes
     )
-    if placement.weights_resident:
-        model = LayerwiseModel(
-            files, config, checked.adapter, device, dtype, resident=True,
-            attn_implementation=recipe.model.attn_implementation,
-        )  # fmt: skip
+    model = LayerwiseModel(
+        files, config, checked.adapter, device, dtype, resident=placement.weights_resident,
+        attn_implementation=recipe.model.attn_implementation,
+    )  # fmt: skip
     cost.notes.update(placement.describe())
     reporter.log(
         f"stage load: {device}, {dtype}; weights {placement.describe()['weights']} "
@@ -283,6 +265,24 @@ def _prune(checked: Checked, loaded: Loaded, reporter: Reporter, cost) -> Trajec
         trajectory = prune(model, loaded.batches, plan, schedule, cache, reporter)
         cost.notes.update({"stream_cache": placement.cache, "stream_cache_peak_bytes": cache.peak_nbytes})
     return trajectory
+
+
+def _save(checked: Checked, loaded: Loaded, trajectory: Trajectory, stage: Path, reporter, cost):
+    """The final variant written by tensor surgery from the source files, then reloaded with
+    transformers in a child process and compared with what the engine computes for it."""
+    recipe, variants = checked.recipe, loaded.variants
+    final = variants.prunecomp(trajectory, checked.plan.num_drop)
+    checkpoint = stage / "checkpoint"
+    reporter.log(f"stage save: writing the checkpoint by tensor surgery to {checked.output / 'checkpoint'}")
+    variants.write(final, checkpoint, recipe.output.max_shard_size)
+    if not recipe.output.verify:
+        return checkpoint, None
+    expected = variants.logits(final, loaded.sample)
+    verification, cost.child_peak_rss_bytes = verify_in_child(
+        checkpoint, loaded.sample, expected, dtype=variants.model.dtype,
+        attn_implementation=recipe.model.attn_implementation, device=str(variants.model.device),
+    )  # fmt: skip
+    return checkpoint, verification
 
 
 def _trajectory_points(recipe: Recipe, plan: Plan) -> list[int]:

@@ -68,8 +68,20 @@ class SafetensorsWriter:
                 f"{self.path}: expected {entry.name} {entry.dtype} {list(entry.shape)}, got {name} "
                 f"{DTYPE_NAMES.get(tensor.dtype)} {list(tensor.shape)}"
             )
-        data = tensor.detach().contiguous().cpu().reshape(-1).view(torch.uint8)  # bf16 has no numpy dtype
-        self._file.write(memoryview(data.numpy()))
+        self.write_chunks(name, [tensor])
+
+    def write_chunks(self, name: str, chunks) -> None:
+        """One tensor given as consecutive pieces of its flattened data (a generator may make them)."""
+        entry = self.entries[self._next]
+        written = 0
+        for chunk in chunks:
+            if name != entry.name or DTYPE_NAMES.get(chunk.dtype) != entry.dtype:
+                raise ValueError(f"{self.path}: expected {entry.name} {entry.dtype}, got {name} {chunk.dtype}")
+            data = chunk.detach().contiguous().cpu().reshape(-1).view(torch.uint8)  # bf16 has no numpy dtype
+            self._file.write(memoryview(data.numpy()))
+            written += data.numel()
+        if written != entry.nbytes:
+            raise ValueError(f"{self.path}: {name} needs {entry.nbytes} bytes, got {written}")
         self._next += 1
 
     def __enter__(self) -> SafetensorsWriter:

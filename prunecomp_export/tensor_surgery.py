@@ -238,6 +238,11 @@ def check_source(source: SafetensorsCheckpoint, config, adapter: Adapter, varian
 def _write_config(config, adapter: Adapter, variant: Variant, tied: bool, out_dir: Path) -> None:
     """The source config describing the kept layers, written like ``checkpoint.save_checkpoint``."""
     config = copy.deepcopy(config)
+    if not getattr(config, "architectures", None):
+        # configs read from GGUF name no class; runtimes (vLLM, onnxruntime-genai) dispatch on it
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+        config.architectures = [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[config.model_type]]
     adapter.prune_config(config, list(variant.kept))
     if tied and variant.untie:
         adapter.untie_config(config)

@@ -424,3 +424,15 @@ def test_an_unexpected_tensor_is_refused_by_name(key, tmp_path):
         write_variant_checkpoint(
             SafetensorsCheckpoint(tmp_path / "source"), config, adapter_for(config), variant, tmp_path / "o"
         )
+
+
+def test_a_config_without_architectures_gets_the_causal_lm_class(tmp_path):
+    """Configs read from GGUF name no class; vLLM and onnxruntime-genai dispatch on it."""
+    model = make_model("llama")
+    model.config.architectures = None
+    model.save_pretrained(tmp_path / "src")
+    variant = variant_after("prunecomp", 6, [([2], 1.1)], "pre_gap")
+    write_variant_checkpoint(
+        SafetensorsCheckpoint(tmp_path / "src"), model.config, adapter_for(model.config), variant, tmp_path / "out"
+    )
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
