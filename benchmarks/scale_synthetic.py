@@ -82,7 +82,7 @@ def fp32_fold_logits(source: Path, results: dict, sample):
     from transformers import AutoModelForCausalLM
 
     from prunecomp_export.adapters import adapter_for
-    from prunecomp_export.engine import Step, replay
+    from prunecomp_export.engine.loop import Step, replay
 
     model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
     trajectory = results["trajectory"]

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from prunecomp_export.safetensors_stream import DTYPE_NAMES, Entry, SafetensorsWriter
+from prunecomp_export.output.safetensors_stream import DTYPE_NAMES, Entry, SafetensorsWriter
 
 PRESETS: dict[str, dict] = {
     "tinyllama-1.1b": dict(

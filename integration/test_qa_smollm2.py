@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from prunecomp_export import qa
 from prunecomp_export.errors import RecipeError
+from prunecomp_export.evaluation import qa
 
 pytestmark = pytest.mark.slow
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import click
 
 from prunecomp_export.errors import PrunecompError
-from prunecomp_export.outputdir import WRITE_ERRNOS, handle_sigterm, write_error_message
+from prunecomp_export.output.outputdir import WRITE_ERRNOS, handle_sigterm, write_error_message
 from prunecomp_export.registry import UnknownName
 
 
@@ -49,9 +49,10 @@ def main(
     """Prune whole decoder layers with Prune&Comp and export the smaller model."""
     from rich.console import Console
 
-    from prunecomp_export import pipeline, summary
+    from prunecomp_export import pipeline
     from prunecomp_export.progress import Reporter, RichReporter
     from prunecomp_export.recipe import load_recipe
+    from prunecomp_export.report import summary
     from prunecomp_export.targets import TARGETS
 
     console = Console()

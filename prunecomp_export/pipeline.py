@@ -24,17 +24,31 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from prunecomp_export import calibration, corpus
 from prunecomp_export.adapters import Adapter, adapter_for
-from prunecomp_export.bench import benchmark, runtimes_for, speedups_at
-from prunecomp_export.checkpoint import sha256_tree, verify_in_child
+from prunecomp_export.bench.timing import benchmark, runtimes_for, speedups_at
 from prunecomp_export.costs import CostMeter, StageCost
-from prunecomp_export.engine import Plan, Trajectory, make_plan, prune
+from prunecomp_export.engine.execution import Placement, check_cache_dir, plan_placement, resolve_device
+from prunecomp_export.engine.layerwise import trim_host_memory
+from prunecomp_export.engine.loop import Plan, Trajectory, make_plan, prune
 from prunecomp_export.errors import RecipeError
-from prunecomp_export.evaluation import DenseCache, Evaluator, Measurement
-from prunecomp_export.execution import Placement, check_cache_dir, plan_placement, resolve_device
-from prunecomp_export.layerwise import trim_host_memory
-from prunecomp_export.loading import (
+from prunecomp_export.evaluation.evaluator import DenseCache, Evaluator, Measurement
+from prunecomp_export.output.checkpoint import sha256_tree, verify_in_child
+from prunecomp_export.output.outputdir import OutputLock, check_output_dir, staged_output
+from prunecomp_export.progress import Reporter
+from prunecomp_export.recipe import Recipe, dump_recipe
+from prunecomp_export.report.render import write_reports
+from prunecomp_export.report.results import (
+    SCHEMA,
+    Execution,
+    MeasurementRow,
+    ModelInfo,
+    RunResults,
+    Summary,
+    TrajectoryInfo,
+)
+from prunecomp_export.report.signoff import accuracy_kept, evaluate_signoff, perplexity_ratios
+from prunecomp_export.source import calibration, corpus
+from prunecomp_export.source.loading import (
     ResolvedSource,
     compute_dtype,
     load_config,
@@ -43,12 +57,6 @@ from prunecomp_export.loading import (
     resolve_source,
     source_identity,
 )
-from prunecomp_export.outputdir import OutputLock, check_output_dir, staged_output
-from prunecomp_export.progress import Reporter
-from prunecomp_export.recipe import Recipe, dump_recipe
-from prunecomp_export.report import write_reports
-from prunecomp_export.results import SCHEMA, Execution, MeasurementRow, ModelInfo, RunResults, Summary, TrajectoryInfo
-from prunecomp_export.signoff import accuracy_kept, evaluate_signoff, perplexity_ratios
 from prunecomp_export.targets import load_target
 
 MANIFEST = "prunecomp_manifest.json"
@@ -215,9 +223,9 @@ def _load(checked: Checked, stage: Path, reporter: Reporter, cost) -> Loaded:
     model, placed by the memory budget."""
     import torch
 
-    from prunecomp_export.layerwise import LayerwiseModel, slice_bytes
-    from prunecomp_export.models import ModelVariants
-    from prunecomp_export.weights import SafetensorsCheckpoint
+    from prunecomp_export.engine.layerwise import LayerwiseModel, slice_bytes
+    from prunecomp_export.source.weights import SafetensorsCheckpoint
+    from prunecomp_export.variants import ModelVariants
 
     recipe = checked.recipe
     reporter.log(f"stage load: {checked.source.description}")
@@ -255,7 +263,7 @@ def _load(checked: Checked, stage: Path, reporter: Reporter, cost) -> Loaded:
 
 
 def _prune(checked: Checked, loaded: Loaded, reporter: Reporter, cost) -> Trajectory:
-    from prunecomp_export.stream_cache import StreamCache
+    from prunecomp_export.engine.stream_cache import StreamCache
 
     plan, placement = checked.plan, loaded.placement
     schedule = checked.recipe.prune.schedule

@@ -132,8 +132,8 @@ def batches() -> list[torch.Tensor]:
 def layerwise_of(model, directory, *, resident: bool = True):
     """``model`` saved to ``directory`` and opened as the engine sees a source: a LayerwiseModel."""
     from prunecomp_export.adapters import adapter_for
-    from prunecomp_export.layerwise import LayerwiseModel
-    from prunecomp_export.weights import SafetensorsCheckpoint
+    from prunecomp_export.engine.layerwise import LayerwiseModel
+    from prunecomp_export.source.weights import SafetensorsCheckpoint
 
     model.save_pretrained(directory)
     dtype = next(model.parameters()).dtype
@@ -146,8 +146,8 @@ def layerwise_of(model, directory, *, resident: bool = True):
 def prune_streamed(model, batches, plan, directory, schedule: str = "iterative", cache: str = "device"):
     """Run the engine on ``model`` (saved to ``directory``) and return the trajectory; the model itself
     is untouched (``engine.replay`` folds the trajectory into it in memory, the tests' reference)."""
-    from prunecomp_export.engine import prune
-    from prunecomp_export.stream_cache import StreamCache
+    from prunecomp_export.engine.loop import prune
+    from prunecomp_export.engine.stream_cache import StreamCache
 
     layerwise = layerwise_of(model, directory)
     with StreamCache.open(cache, torch.device("cpu"), len(batches), directory) as streams:  # type: ignore[arg-type]
@@ -159,7 +159,7 @@ def variants_of(model, directory, plan, *, resident: bool = True):
     trajectory describes, each computed layer by layer from the files)."""
     from pathlib import Path
 
-    from prunecomp_export.models import ModelVariants
+    from prunecomp_export.variants import ModelVariants
 
     layerwise = layerwise_of(model, directory, resident=resident)
     return ModelVariants(

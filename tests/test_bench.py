@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from prunecomp_export.bench import ideal_speedup, run_worker, speedups_at, stats, summarise
+from prunecomp_export.bench.timing import ideal_speedup, run_worker, speedups_at, stats, summarise
 from prunecomp_export.recipe import BenchSpec, Scenario
 from tests.test_recipe_errors import GOOD, tiny_dir, write  # noqa: F401  (fixture)
 
@@ -59,7 +59,7 @@ def test_summarise_speedup_ideal_and_efficiency():
 
 
 def test_rounds_alternate_the_order_and_pool_the_repeats(monkeypatch, tmp_path):
-    from prunecomp_export import bench
+    from prunecomp_export.bench import timing as bench
     from prunecomp_export.progress import Reporter
 
     calls = []

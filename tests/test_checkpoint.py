@@ -15,9 +15,9 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFa
 
 from prunecomp_export.adapters import adapter_for
 from prunecomp_export.adapters.moe import sparse_layers
-from prunecomp_export.checkpoint import save_checkpoint, verify_reload
-from prunecomp_export.engine import make_plan, replay
+from prunecomp_export.engine.loop import make_plan, replay
 from prunecomp_export.errors import ValidationFailed
+from prunecomp_export.output.checkpoint import save_checkpoint, verify_reload
 from prunecomp_export.recipe import PruneSpec
 from tests.conftest import MOES, TIED, make_model, prune_streamed
 

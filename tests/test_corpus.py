@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from prunecomp_export import corpus
-from prunecomp_export.calibration import calibration_documents, random_windows, spaced_windows
 from prunecomp_export.errors import RecipeError
 from prunecomp_export.recipe import CalibrationSpec
+from prunecomp_export.source import corpus
+from prunecomp_export.source.calibration import calibration_documents, random_windows, spaced_windows
 
 
 def test_wikipedia_split_by_article_is_disjoint_and_complete():

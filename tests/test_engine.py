@@ -14,15 +14,21 @@ import torch
 import torch.nn.functional as F
 
 from prunecomp_export.adapters import adapter_for
-from prunecomp_export.compensation import magnitude_gap
-from prunecomp_export.engine import Trajectory, _one_round, make_plan, prune, replay, variant_of
+from prunecomp_export.engine.compensation import magnitude_gap
+from prunecomp_export.engine.loop import Trajectory, _one_round, make_plan, prune, replay, variant_of
+from prunecomp_export.engine.metrics import (
+    MetricContext,
+    block_influence,
+    layer_bypass_loss,
+    magnitude_plus,
+    taylor_plus,
+)
+from prunecomp_export.engine.stream_cache import StreamCache
+from prunecomp_export.engine.streams import ResidualStreams
+from prunecomp_export.engine.surgery import delete_layers
+from prunecomp_export.engine.variant import dense_variant
 from prunecomp_export.errors import RecipeError
-from prunecomp_export.metrics import MetricContext, block_influence, layer_bypass_loss, magnitude_plus, taylor_plus
 from prunecomp_export.recipe import PruneSpec
-from prunecomp_export.stream_cache import StreamCache
-from prunecomp_export.streams import ResidualStreams
-from prunecomp_export.surgery import delete_layers
-from prunecomp_export.variant import dense_variant
 from tests.conftest import ARCHS, TIED, layerwise_of, make_model, prune_streamed, variants_of
 
 
@@ -239,7 +245,7 @@ def test_streamed_weights_give_the_same_trajectory_as_resident(arch, metric, bat
 
 
 def test_metric_default_protection_taylor_keeps_first4_last2():
-    from prunecomp_export.metrics import METRICS
+    from prunecomp_export.engine.metrics import METRICS
 
     assert METRICS.get("taylor_plus").default_protected(10) == {0, 1, 2, 3, 8, 9}
     assert METRICS.get("ppl").default_protected(10) == {0, 9}
@@ -342,7 +348,7 @@ def test_iterative_compensation_lowers_calibration_loss_against_plain_removal(ba
 
 
 def test_baseline_choice_from_first_round_equals_a_real_one_shot_run(batches, tmp_path):
-    from prunecomp_export.engine import baseline_layers
+    from prunecomp_export.engine.loop import baseline_layers
 
     dense = make_model("llama", seed=7)
     plan = plan_for(dense, num_drop=3, protected_layers=[0])

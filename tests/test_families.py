@@ -19,10 +19,10 @@ from transformers import (
 from prunecomp_export.adapters import adapter_for, supported_model_types
 from prunecomp_export.adapters.gemma import norm_gain_offset, sliding_window_period
 from prunecomp_export.adapters.moe import sparse_layers
-from prunecomp_export.checkpoint import save_checkpoint
-from prunecomp_export.compensation import fold
+from prunecomp_export.engine.compensation import fold
+from prunecomp_export.engine.surgery import delete_layers
 from prunecomp_export.errors import ModelError
-from prunecomp_export.surgery import delete_layers
+from prunecomp_export.output.checkpoint import save_checkpoint
 from tests.conftest import COMMON, FAMILIES, GEMMAS, make_config, make_model
 from tests.test_checkpoint import pruned, tiny_tokenizer
 from tests.test_fold import ALPHA, explicit_scaling_logits, folded_logits

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from prunecomp_export.adapters import adapter_for
-from prunecomp_export.compensation import fold, magnitude_gap
-from prunecomp_export.surgery import delete_layers
+from prunecomp_export.engine.compensation import fold, magnitude_gap
+from prunecomp_export.engine.surgery import delete_layers
 from tests.conftest import make_model
 
 ALPHA = 1.37

@@ -10,14 +10,14 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from prunecomp_export import execution
 from prunecomp_export.adapters import adapter_for
-from prunecomp_export.engine import make_plan, prune
+from prunecomp_export.engine import execution
+from prunecomp_export.engine.layerwise import LayerwiseModel
+from prunecomp_export.engine.loop import make_plan, prune
+from prunecomp_export.engine.stream_cache import StreamCache
 from prunecomp_export.errors import ModelError, RecipeError
-from prunecomp_export.layerwise import LayerwiseModel
 from prunecomp_export.recipe import ExecutionSpec, PruneSpec, validate_recipe
-from prunecomp_export.stream_cache import StreamCache
-from prunecomp_export.weights import SafetensorsCheckpoint
+from prunecomp_export.source.weights import SafetensorsCheckpoint
 from tests.conftest import make_model
 
 # -- a damaged source is refused with ModelError -------------------------------------------------------

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from prunecomp_export import outputdir
 from prunecomp_export.errors import RecipeError
-from prunecomp_export.outputdir import (
+from prunecomp_export.output import outputdir
+from prunecomp_export.output.outputdir import (
     MANIFEST,
     OutputLock,
     check_output_dir,
@@ -168,7 +168,7 @@ def test_lock_refuses_a_second_run_and_is_removed(tmp_path):
 LOCK_HOLDER = """
 import sys, time
 from pathlib import Path
-from prunecomp_export.outputdir import OutputLock
+from prunecomp_export.output.outputdir import OutputLock
 with OutputLock(Path(sys.argv[1])):
     print("locked", flush=True)
     time.sleep(120)
@@ -339,7 +339,7 @@ def test_stale_staging_of_dead_runs_is_removed(tmp_path):
 STAGER = """
 import sys, time
 from pathlib import Path
-from prunecomp_export.outputdir import handle_sigterm, staged_output
+from prunecomp_export.output.outputdir import handle_sigterm, staged_output
 try:
     with handle_sigterm(), staged_output(Path(sys.argv[1]), overwrite=True) as stage:
         (stage / "marker").write_text("half")

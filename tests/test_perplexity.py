@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from prunecomp_export.adapters import adapter_for
-from prunecomp_export.engine import make_plan, replay
+from prunecomp_export.engine.loop import make_plan, replay
 from prunecomp_export.recipe import PruneSpec
 from tests.conftest import TIED, make_model, prune_streamed, variants_of
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from prunecomp_export import qa
 from prunecomp_export.errors import RecipeError
+from prunecomp_export.evaluation import qa
 
 OFFLINE = ["gensim_analogy", "gensim_sentiment"]
 

@@ -9,10 +9,10 @@ import pytest
 from click.testing import CliRunner
 
 from prunecomp_export.cli import main
-from prunecomp_export.evaluation import Measurement
+from prunecomp_export.evaluation.evaluator import Measurement
 from prunecomp_export.recipe import SignoffSpec
-from prunecomp_export.results import SCHEMA, SCHEMA_FILE, RunResults, schema_text
-from prunecomp_export.signoff import accuracy_kept, evaluate_signoff, perplexity_ratios
+from prunecomp_export.report.results import SCHEMA, SCHEMA_FILE, RunResults, schema_text
+from prunecomp_export.report.signoff import accuracy_kept, evaluate_signoff, perplexity_ratios
 from tests.test_recipe_errors import GOOD, tiny_dir, write  # noqa: F401  (fixture)
 
 ROWS = [
@@ -108,7 +108,7 @@ def test_bad_signoff_key_is_a_recipe_error(tmp_path, tiny_dir):  # noqa: F811
 
 def test_committed_schema_is_the_one_the_models_generate():
     """schemas/results.schema.json is RunResults.model_json_schema(): regenerate it with
-    `python -m prunecomp_export.results` after changing a model."""
+    `python -m prunecomp_export.report.results` after changing a model."""
     assert SCHEMA_FILE.read_text() == schema_text()
     schema = json.loads(SCHEMA_FILE.read_text())
     assert schema["$id"] == SCHEMA
@@ -153,7 +153,7 @@ def hand_made(**fields) -> RunResults:
 
 def test_cost_section_shows_every_stage_and_where_things_lived():
     from prunecomp_export.costs import StageCost
-    from prunecomp_export.report import render_html, render_markdown
+    from prunecomp_export.report.render import render_html, render_markdown
 
     costs = [
         StageCost(name="load", wall_s=1.234, peak_rss_bytes=2_500_000_000, child_peak_rss_bytes=1_250_000_000),
@@ -186,9 +186,9 @@ def test_cost_section_shows_every_stage_and_where_things_lived():
 
 
 def test_latency_section_shows_every_row_the_spread_and_the_busy_warning():
-    from prunecomp_export.bench import summarise
+    from prunecomp_export.bench.timing import summarise
     from prunecomp_export.recipe import BenchSpec, Scenario
-    from prunecomp_export.report import render_html, render_markdown
+    from prunecomp_export.report.render import render_html, render_markdown
 
     spec = BenchSpec(scenarios=[Scenario(name="p", kind="prefill"), Scenario(name="t", kind="throughput")])
     timing = {"p": {"times_ms": [10.0, 11.0, 12.0, 13.0, 14.0]}, "t": {"times_ms": [100.0] * 5}}

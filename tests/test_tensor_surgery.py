@@ -17,12 +17,12 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from prunecomp_export.adapters import adapter_for
 from prunecomp_export.adapters.gemma import GemmaAdapter, norm_gain_offset
-from prunecomp_export.checkpoint import save_checkpoint
-from prunecomp_export.engine import Step, replay
+from prunecomp_export.engine.loop import Step, replay
+from prunecomp_export.engine.variant import dense_variant, variant_after
 from prunecomp_export.errors import ModelError
-from prunecomp_export.tensor_surgery import AUX_FILES, write_variant_checkpoint
-from prunecomp_export.variant import dense_variant, variant_after
-from prunecomp_export.weights import INDEX, SINGLE, SafetensorsCheckpoint
+from prunecomp_export.output.checkpoint import save_checkpoint
+from prunecomp_export.output.tensor_surgery import AUX_FILES, write_variant_checkpoint
+from prunecomp_export.source.weights import INDEX, SINGLE, SafetensorsCheckpoint
 from tests.conftest import GEMMAS, make_model
 from tests.test_checkpoint import tiny_tokenizer
 

@@ -122,7 +122,7 @@ def run_worker(job: dict, python: str, timeout_s: float, path_root: str | None =
             env.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{job['threads'] - 1}")
             env.setdefault("VLLM_HOST_IP", "127.0.0.1")
         prefix = "import sys; " + (f"sys.path.insert(0, {path_root!r}); " if path_root else "")
-        code = prefix + "from prunecomp_export.bench_worker import main; sys.exit(main(sys.argv[1]))"
+        code = prefix + "from prunecomp_export.bench.worker import main; sys.exit(main(sys.argv[1]))"
         busy_before, own_before, started = _machine_busy_seconds(), _children_cpu_seconds(), time.monotonic()
         stderr, returncode, tree_cpu = _run_sampling_cpu([python, "-c", code, str(job_path)], env, timeout_s, job)
         wall = time.monotonic() - started

@@ -1,4 +1,4 @@
-"""Times one model on one runtime, in a process of its own (``python -m prunecomp_export.bench_worker
+"""Times one model on one runtime, in a process of its own (``python -m prunecomp_export.bench.worker
 JOB.json``): a fresh process per model and runtime keeps caches, allocators and thread pools of one
 measurement out of the next. Writes ``{"scenarios": {name: {"times_ms": [...], ...}}}`` as JSON."""
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from prunecomp_export.execution import CachePlace
+from prunecomp_export.engine.execution import CachePlace
 
 
 @dataclass

@@ -15,10 +15,10 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from prunecomp_export.layerwise import LayerwiseModel, layer_output, trim_host_memory
+from prunecomp_export.engine.layerwise import LayerwiseModel, layer_output, trim_host_memory
+from prunecomp_export.engine.stream_cache import StreamCache
+from prunecomp_export.engine.variant import Variant
 from prunecomp_export.progress import Reporter
-from prunecomp_export.stream_cache import StreamCache
-from prunecomp_export.variant import Variant
 
 
 @dataclass

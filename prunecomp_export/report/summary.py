@@ -8,8 +8,8 @@ from rich.console import Console
 from rich.table import Table
 
 from prunecomp_export.pipeline import DryRunResult, RunResult
-from prunecomp_export.report import cost_table, execution_line, summary_table
-from prunecomp_export.results import RunResults
+from prunecomp_export.report.render import cost_table, execution_line, summary_table
+from prunecomp_export.report.results import RunResults
 
 
 def print_dry_run(result: DryRunResult, console: Console) -> None:

@@ -10,15 +10,15 @@ import os
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING
 
-from prunecomp_export import calibration, corpus
+from prunecomp_export.engine.variant import Variant
 from prunecomp_export.errors import RecipeError
-from prunecomp_export.loading import cache_root
 from prunecomp_export.progress import Reporter
 from prunecomp_export.recipe import EvaluationSpec
-from prunecomp_export.variant import Variant
+from prunecomp_export.source import calibration, corpus
+from prunecomp_export.source.loading import cache_root
 
 if TYPE_CHECKING:
-    from prunecomp_export.models import ModelVariants
+    from prunecomp_export.variants import ModelVariants
 
 VARIANTS = ("dense", "baseline", "prunecomp")
 #: token-level perplexity with the paper's protocol; lm-evaluation-harness's ``wikitext`` task reports
@@ -78,7 +78,7 @@ class Evaluator:
         }
 
     def _qa_protocol(self) -> dict:
-        from prunecomp_export import qa
+        from prunecomp_export.evaluation import qa
 
         return {
             "harness": "lm-evaluation-harness",
@@ -106,14 +106,14 @@ class Evaluator:
 
     def _qa(self, variants: ModelVariants, variant: Variant, details: dict) -> list[Measurement]:
         """lm-eval scores the checkpoint as users will load it: a plain directory on disk."""
-        from prunecomp_export import qa
         from prunecomp_export.child import run_in_child
+        from prunecomp_export.evaluation import qa
 
         spec = self.spec.qa
         dtype = str(variants.model.dtype).removeprefix("torch.")
         with variants.materialised(variant) as directory:
             child = run_in_child(
-                "prunecomp_export.qa:evaluate_qa",
+                "prunecomp_export.evaluation.qa:evaluate_qa",
                 {"model_dir": str(directory), "tasks": spec.tasks, "limit": spec.limit,
                  "batch_size": spec.batch_size, "dtype": dtype, "device": str(variants.model.device)},
             )  # fmt: skip

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from prunecomp_export.errors import ModelError
-from prunecomp_export.safetensors_stream import DTYPES
+from prunecomp_export.output.safetensors_stream import DTYPES
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"

@@ -127,7 +127,7 @@ def verify_in_child(directory: Path, sample: torch.Tensor, expected_logits: torc
         tensors = Path(scratch) / "sample.safetensors"
         save_file({"sample": sample.contiguous(), "expected": expected_logits.contiguous()}, tensors)
         child = run_in_child(
-            "prunecomp_export.checkpoint:verify_from_file",
+            "prunecomp_export.output.checkpoint:verify_from_file",
             {"directory": str(directory), "tensors": str(tensors), "dtype": str(dtype).removeprefix("torch."),
              "attn_implementation": attn_implementation, "device": device},
         )  # fmt: skip

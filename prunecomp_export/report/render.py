@@ -9,8 +9,8 @@ import io
 import json
 from pathlib import Path
 
-from prunecomp_export.results import SCHEMA, MeasurementRow, RunResults
-from prunecomp_export.signoff import accuracy_kept, perplexity_ratios
+from prunecomp_export.report.results import SCHEMA, MeasurementRow, RunResults
+from prunecomp_export.report.signoff import accuracy_kept, perplexity_ratios
 
 GB = 1e9
 LABELS = {"dense": "dense", "baseline": "one-shot, no compensation", "prunecomp": "Prune&Comp"}

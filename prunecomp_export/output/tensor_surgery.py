@@ -24,12 +24,12 @@ import torch
 
 from prunecomp_export.adapters import Adapter
 from prunecomp_export.adapters.base import LayerTensorError, scaled
-from prunecomp_export.checkpoint import compatible_config
+from prunecomp_export.engine.variant import Variant
 from prunecomp_export.errors import ModelError
+from prunecomp_export.output.checkpoint import compatible_config
+from prunecomp_export.output.safetensors_stream import DTYPES, Entry, SafetensorsWriter
 from prunecomp_export.recipe import parse_size
-from prunecomp_export.safetensors_stream import DTYPES, Entry, SafetensorsWriter
-from prunecomp_export.variant import Variant
-from prunecomp_export.weights import INDEX, SINGLE, SafetensorsCheckpoint
+from prunecomp_export.source.weights import INDEX, SINGLE, SafetensorsCheckpoint
 
 #: files copied from the source directory when present (tokenizer, chat template, generation defaults)
 AUX_FILES = (

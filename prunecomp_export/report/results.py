@@ -1,6 +1,6 @@
 """``results.json`` as typed models: a run builds one ``RunResults``, the reports read its attributes,
 and it is dumped once to ``results.json``. The JSON schema in ``schemas/results.schema.json`` is
-generated from these models (``python -m prunecomp_export.results`` writes it; a test checks that
+generated from these models (``python -m prunecomp_export.report.results`` writes it; a test checks that
 the committed file is what the models generate)."""
 
 from __future__ import annotations
@@ -157,11 +157,11 @@ def write_schema(path: Path = SCHEMA_FILE) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m prunecomp_export.results``: regenerate the schema file; ``--check``: exit 1 if it is stale."""
+    """``python -m prunecomp_export.report.results``: regenerate the schema file; ``--check``: exit 1 if it is stale."""
     args = sys.argv[1:] if argv is None else argv
     if "--check" in args:
         if SCHEMA_FILE.read_text() != schema_text():
-            print(f"{SCHEMA_FILE} is stale: run python -m prunecomp_export.results", file=sys.stderr)
+            print(f"{SCHEMA_FILE} is stale: run python -m prunecomp_export.report.results", file=sys.stderr)
             return 1
         return 0
     print(f"wrote {write_schema()}")

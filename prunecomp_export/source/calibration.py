@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import torch
 
-from prunecomp_export import corpus
 from prunecomp_export.errors import RecipeError
 from prunecomp_export.recipe import CalibrationSpec
+from prunecomp_export.source import corpus
 
 DOCUMENT_SEPARATOR = "\n\n"
 

@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from prunecomp_export.engine.streams import ResidualStreams
 from prunecomp_export.registry import Registry
-from prunecomp_export.streams import ResidualStreams
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from prunecomp_export.compensation import FoldForm
+from prunecomp_export.engine.compensation import FoldForm
 
 
 @dataclass(frozen=True)

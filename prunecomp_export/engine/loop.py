@@ -13,17 +13,17 @@ import torch
 from torch import nn
 
 from prunecomp_export.adapters import Adapter
-from prunecomp_export.compensation import FoldForm, fold, magnitude_gap
+from prunecomp_export.engine.compensation import FoldForm, fold, magnitude_gap
+from prunecomp_export.engine.layerwise import LayerwiseModel
+from prunecomp_export.engine.metrics import METRICS, Metric, MetricContext, contiguous_cosine_blocks
+from prunecomp_export.engine.stream_cache import StreamCache
+from prunecomp_export.engine.streams import ResidualStreams
+from prunecomp_export.engine.surgery import delete_layers
+from prunecomp_export.engine.variant import Variant, dense_variant, variant_after
 from prunecomp_export.errors import RecipeError
-from prunecomp_export.layerwise import LayerwiseModel
-from prunecomp_export.metrics import METRICS, Metric, MetricContext, contiguous_cosine_blocks
 from prunecomp_export.progress import Reporter
 from prunecomp_export.recipe import PruneSpec
 from prunecomp_export.registry import UnknownName
-from prunecomp_export.stream_cache import StreamCache
-from prunecomp_export.streams import ResidualStreams
-from prunecomp_export.surgery import delete_layers
-from prunecomp_export.variant import Variant, dense_variant, variant_after
 
 
 @dataclass(frozen=True)

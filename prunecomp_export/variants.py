@@ -17,11 +17,11 @@ from pathlib import Path
 import torch
 
 from prunecomp_export.adapters import Adapter
-from prunecomp_export.engine import Plan, Step, Trajectory, baseline_layers, steps_for, variant_of
-from prunecomp_export.layerwise import LayerwiseModel, layer_output
-from prunecomp_export.streams import token_nll
-from prunecomp_export.variant import Variant, dense_variant, variant_after
-from prunecomp_export.weights import SafetensorsCheckpoint
+from prunecomp_export.engine.layerwise import LayerwiseModel, layer_output
+from prunecomp_export.engine.loop import Plan, Step, Trajectory, baseline_layers, steps_for, variant_of
+from prunecomp_export.engine.streams import token_nll
+from prunecomp_export.engine.variant import Variant, dense_variant, variant_after
+from prunecomp_export.source.weights import SafetensorsCheckpoint
 
 
 @dataclass
@@ -83,7 +83,7 @@ class ModelVariants:
 
     # -- write as a checkpoint ------------------------------------------------------------------
     def write(self, variant: Variant, directory: Path, max_shard_size: int | str = "5GB") -> None:
-        from prunecomp_export.tensor_surgery import write_variant_checkpoint
+        from prunecomp_export.output.tensor_surgery import write_variant_checkpoint
 
         write_variant_checkpoint(self.checkpoint, self.config, self.adapter, variant, directory, max_shard_size)
 

@@ -117,7 +117,7 @@ def local_checkpoint(source: ResolvedSource, spec: ModelSpec, identity: dict, lo
         return directory, None
     log(f"dequantising {source.gguf_file} once into {directory}")
     result = run_in_child(
-        "prunecomp_export.loading:dequantize_gguf",
+        "prunecomp_export.source.loading:dequantize_gguf",
         {"location": source.location, "gguf_file": source.gguf_file, "dtype": dtype, "directory": str(directory)},
     )
     return directory, result.peak_rss_bytes
@@ -132,7 +132,7 @@ def dequantize_gguf(location: str, gguf_file: str, dtype: str, directory: str) -
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from prunecomp_export.checkpoint import compatible_config
+    from prunecomp_export.output.checkpoint import compatible_config
 
     final = Path(directory)
     staging = final.parent / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"

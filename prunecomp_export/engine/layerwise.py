@@ -22,10 +22,10 @@ from torch import nn
 
 from prunecomp_export.adapters import Adapter
 from prunecomp_export.adapters.base import scaled
+from prunecomp_export.engine.variant import dense_variant
 from prunecomp_export.errors import ModelError
-from prunecomp_export.tensor_surgery import check_source
-from prunecomp_export.variant import dense_variant
-from prunecomp_export.weights import SafetensorsCheckpoint
+from prunecomp_export.output.tensor_surgery import check_source
+from prunecomp_export.source.weights import SafetensorsCheckpoint
 
 
 def layer_output(result) -> torch.Tensor:

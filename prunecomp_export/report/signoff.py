@@ -7,9 +7,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from prunecomp_export.evaluation import Measurement
+from prunecomp_export.evaluation.evaluator import Measurement
 from prunecomp_export.recipe import SignoffSpec
-from prunecomp_export.results import MeasurementRow, Signoff, SignoffCheck
+from prunecomp_export.report.results import MeasurementRow, Signoff, SignoffCheck
 
 #: a run's rows as the pipeline holds them, or as results.json holds them: the same fields
 Rows = Sequence[Measurement | MeasurementRow]

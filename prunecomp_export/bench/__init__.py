@@ -1,0 +1,1 @@
+"""Measured latency of the dense and pruned models on each runtime."""

@@ -1,0 +1,1 @@
+"""Accuracy of a model variant: held-out perplexity and zero-shot QA through lm-evaluation-harness."""

@@ -1,0 +1,1 @@
+"""Writing outputs: the pruned checkpoint by tensor surgery, the reload check, the output directory."""
