@@ -250,7 +250,7 @@ class OutputSpec(Strict):
 
 
 class ExecutionSpec(Strict):
-    """Where the work runs and where the weights and calibration streams live (see execution.py)."""
+    """Where the work runs and where the weights and calibration streams live (see engine/execution.py)."""
 
     device: str = Field("auto", description="auto (CUDA when present, else CPU), cpu, cuda or cuda:N.")
     memory_budget: int | str | None = Field(
