@@ -40,10 +40,6 @@ class ResidualStreams:
     def num_layers(self) -> int:
         return len(self.variant.kept)
 
-    def full_forward_cost(self) -> int:
-        """Layer-forwards of one full forward of the current model over all batches."""
-        return self.num_layers * len(self.batches)
-
     @torch.no_grad()
     def capture(self, reporter: Reporter | None = None) -> None:
         """Embed every batch, record each layer's call kwargs, and run all layers (layer-major)."""

@@ -123,9 +123,6 @@ class SafetensorsCheckpoint:
     def __contains__(self, key: str) -> bool:
         return key in self.info
 
-    def keys_in(self, shard: Path) -> list[str]:
-        return [key for key, info in self.info.items() if info.shard == shard]
-
     def headers(self) -> dict[str, tuple[str, tuple[int, ...]]]:
         """Every tensor's safetensors dtype name and shape, in file order, from the headers alone."""
         return {key: (info.dtype, info.shape) for key, info in self.info.items()}
@@ -151,6 +148,3 @@ class SafetensorsCheckpoint:
 
     def tensors(self, keys: list[str], device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
         return {key: self.tensor(key, device) for key in keys}
-
-    def total_bytes(self) -> int:
-        return sum(shard.stat().st_size for shard in self.shards)
