@@ -132,6 +132,8 @@ def preflight(recipe: Recipe, targets: list[str], bench: bool = False) -> Checke
     adapter = adapter_for(config)
     tied = bool(getattr(config, "tie_word_embeddings", False))
     plan = make_plan(recipe.prune, config.num_hidden_layers, tied)
+    if plan.compensation == "linear" and (refusal := adapter.output_map_refusal()) is not None:
+        raise RecipeError(refusal, key="prune.compensation")
     calibration.check_calibration_source(recipe.calibration)
     if recipe.evaluation.perplexity is not None:
         for index, name in enumerate(recipe.evaluation.perplexity.corpora):

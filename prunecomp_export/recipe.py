@@ -109,7 +109,21 @@ class PruneSpec(Strict):
     ratio: float | None = Field(None, gt=0, lt=1)
     drop_layers: list[int] | None = Field(None, min_length=1)
     schedule: Literal["iterative", "one_shot"] = "iterative"
-    compensation: Literal["magnitude", "none"] = "magnitude"
+    compensation: Literal["magnitude", "fitted", "linear", "none"] = Field(
+        "magnitude",
+        description="magnitude: the paper's alpha; fitted: the scalar with the lowest calibration loss "
+        "(paper alpha recorded beside it); linear: a d x d map fitted by least squares, folded into the "
+        "down projection of the last kept layer before the gap; none.",
+    )
+    ridge: float = Field(
+        1e-3, ge=0, description="Linear compensation: ridge towards the identity, relative to mean diag(M^T M)."
+    )
+    probe_batches: int | None = Field(
+        4,
+        gt=0,
+        description="Calibration batches that fit the scalar (compensation: fitted) and score candidates "
+        "(metric: compensated_loss); None: all.",
+    )
     protected_layers: list[int] | None = Field(
         None,
         description="Original layer indices never removed (negative counts from the end). "

@@ -57,7 +57,7 @@ class ModelVariants:
         inputs = [self.model.layer_inputs(ids, variant.embedding_scale) for ids in batches]
         hidden = [h for h, _kwargs in inputs]
         for k, (original, scale) in enumerate(zip(variant.kept, variant.writer_scale, strict=True)):
-            with self.model.layer(original, scale, k) as layer:
+            with self.model.layer(original, scale, k, variant.output_map_of(original)) as layer:
                 hidden = [
                     layer_output(layer(h, **kwargs[original])) for h, (_h, kwargs) in zip(hidden, inputs, strict=True)
                 ]

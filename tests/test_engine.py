@@ -81,7 +81,7 @@ def test_cached_streams_after_pruning_equal_a_fresh_forward(arch, batches, place
     streams = open_streams(model, tmp_path, batches, plan, place)
     with streams.cache:
         streams.capture()
-        trajectory = Trajectory("block_influence", "iterative", plan.fold_form, False, streams.lm_loss())
+        trajectory = Trajectory("block_influence", "iterative", "magnitude", plan.fold_form, False, streams.lm_loss())
         for number in range(3):
             _one_round(streams, plan, trajectory, number)
         assert all(r.step.alpha != 1.0 for r in trajectory.rounds), "every round must rescale the cached streams"

@@ -70,7 +70,7 @@ def test_cli_exits_0_when_signoff_passes_and_reports_parse(tmp_path, tiny_dir): 
     out = tmp_path / "out"
     results = json.loads((out / "results.json").read_text())
     jsonschema.validate(results, json.loads(SCHEMA_FILE.read_text()))
-    assert results["schema"] == SCHEMA == "prunecomp-results/2"
+    assert results["schema"] == SCHEMA == "prunecomp-results/3"
     assert RunResults.model_validate(results).to_json() == results
     assert results["signoff"]["passed"] is True
     # trajectory 'all': Prune&Comp and the baseline at 1 and 2 removed layers, dense once
@@ -127,7 +127,8 @@ def hand_made(**fields) -> RunResults:
         "recipe": {},
         "seeds": {"calibration": 0},
         "trajectory": {
-            "metric": "block_influence", "schedule": "iterative", "fold_form": "pre_gap", "untie": False,
+            "metric": "block_influence", "schedule": "iterative", "compensation": "magnitude", "fold_form": "pre_gap",
+            "untie": False,
             "dense_calibration_loss": 4.0, "removed_in_order": [3, 2],
             "rounds": [
                 {"round": 1, "step": {"removed": [3], "alpha": 1.0}, **round_, "full_forward_layer_forwards": 8},

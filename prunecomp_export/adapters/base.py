@@ -43,6 +43,16 @@ def scaled(tensor: torch.Tensor, factor: float, chunk: int = 1 << 22, *, inplace
 
 
 @torch.no_grad()
+def mapped(tensor: torch.Tensor, t: torch.Tensor, bias: bool) -> torch.Tensor:
+    """A writer's weight or bias with its output multiplied by the d x d map ``t``: for y = W x + b,
+    y T = (T^T W) x + b T. Weights may carry leading dimensions (fused experts [E, d, inter]);
+    computed in fp32, rounded once to the tensor's dtype."""
+    t = t.to(device=tensor.device, dtype=torch.float32)
+    out = tensor.float() @ t if bias else t.T @ tensor.float()
+    return out.to(tensor.dtype)
+
+
+@torch.no_grad()
 def scale_parameter_(param: torch.Tensor, factor: float) -> None:
     """Multiply in fp32 and store back in the parameter's dtype (one rounding, not two)."""
     param.copy_(scaled(param, factor))
@@ -61,6 +71,8 @@ class Adapter:
     #: submodules of a decoder layer whose outputs are added to the residual stream
     writer_paths: tuple[str, ...] = ("self_attn.o_proj", "mlp.down_proj")
     notes: str = ""
+    #: the MLP's residual writer, into which a linear compensation map is folded
+    mlp_writer_path: ClassVar[str] = "mlp.down_proj"
 
     # -- checkpoint keys (as transformers' save_pretrained writes them) ----------------------------
     layer_prefix: ClassVar[str] = "model.layers."
@@ -91,6 +103,22 @@ class Adapter:
         if path in self.writer_paths and leaf in LINEAR_LEAVES:
             return scaled(tensor, factor)
         return None
+
+    def map_writer_tensor(self, key: str, tensor: torch.Tensor, t: torch.Tensor) -> torch.Tensor | None:
+        """``tensor`` (checkpoint ``key``, relative to its layer) with the MLP's write multiplied by the
+        d x d map ``t``, or None when it is not the MLP's residual writer."""
+        path, _, leaf = key.rpartition(".")
+        if path == self.mlp_writer_path and leaf in LINEAR_LEAVES:
+            return mapped(tensor, t, bias=leaf == "bias")
+        return None
+
+    def output_map_refusal(self) -> str | None:
+        """Why this family cannot take a linear compensation map, or None when it can."""
+        return None
+
+    def mlp_output_module(self, layer: nn.Module) -> nn.Module:
+        """The module whose output is exactly what the MLP adds to the residual stream."""
+        return layer.mlp
 
     def layer_module_tensors(
         self, tensors: dict[str, torch.Tensor], layer: nn.Module | None = None

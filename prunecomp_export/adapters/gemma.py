@@ -109,6 +109,12 @@ class GemmaAdapter(Adapter):
     #: ``norm_gain_offset`` measured on the modules.
     gain_offset: ClassVar[float] = 1.0
 
+    def output_map_refusal(self) -> str | None:
+        return (
+            f"{self.model_type}'s MLP output passes post_feedforward_layernorm before the residual add, "
+            "so a linear map on it cannot be folded into the weights exactly; use compensation: fitted or magnitude"
+        )
+
     def scale_residual_writes(self, layer: nn.Module, factor: float) -> None:
         for norm in self.residual_writers(layer):
             scale_norm_gain_(norm, factor)

@@ -49,7 +49,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from prunecomp_export.adapters.base import LINEAR_LEAVES, Adapter, LayerTensorError, scale_parameter_, scaled
+from prunecomp_export.adapters.base import LINEAR_LEAVES, Adapter, LayerTensorError, mapped, scale_parameter_, scaled
 from prunecomp_export.adapters.llama import QwenAdapter
 
 # The names that say where an MoE layer writes to the stream, used by both the module-level fold
@@ -140,6 +140,17 @@ class MoeAdapter(Adapter):
         if MLP_WRITER_KEY.fullmatch(key):
             return scaled(tensor, factor)
         return super().scale_writer_tensor(key, tensor, factor)
+
+    def map_writer_tensor(self, key: str, tensor: torch.Tensor, t: torch.Tensor) -> torch.Tensor | None:
+        """Every expert's and the shared expert's down projection: the block's output is linear in
+        each of them (routing and the shared-expert gate read the normalised input)."""
+        if not MLP_WRITER_KEY.fullmatch(key):
+            return None
+        leaf = key.rpartition(".")[2]
+        return mapped(tensor, t, bias=leaf in ("bias", FUSED_DOWN_BIAS))
+
+    def mlp_output_module(self, layer: nn.Module) -> nn.Module:
+        return self.mlp(layer)
 
     def layer_module_tensors(
         self, tensors: dict[str, torch.Tensor], layer: nn.Module | None = None

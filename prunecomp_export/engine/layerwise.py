@@ -97,7 +97,7 @@ class LayerwiseModel:
         self.tied = bool(getattr(config, "tie_word_embeddings", False)) and adapter.lm_head_key not in source
         self.softcap = getattr(config, "final_logit_softcapping", None)
         self._resident: dict[str, torch.Tensor] = {}
-        self._loaded: dict[int, float] = {}  # resident mode: layer -> the scale its writers carry
+        self._loaded: dict[int, tuple] = {}  # resident mode: layer -> the (scale, map) its writers carry
         # Every tensor the model needs is in the files with the shape the config implies, and nothing
         # else, before anything runs (headers only): a missing layer must never run as random weights.
         check_source(source, config, adapter, dense_variant(self.num_layers), self.tied)
@@ -124,13 +124,24 @@ class LayerwiseModel:
 
     # -- slices ---------------------------------------------------------------------------------
     @contextmanager
-    def layer(self, original: int, scale: float = 1.0, position: int | None = None) -> Iterator[nn.Module]:
-        """Decoder layer ``original`` with its residual writes scaled by ``scale``, on the device."""
+    def layer(
+        self,
+        original: int,
+        scale: float = 1.0,
+        position: int | None = None,
+        output_map: torch.Tensor | None = None,
+    ) -> Iterator[nn.Module]:
+        """Decoder layer ``original`` with its residual writes scaled by ``scale`` and its MLP output
+        multiplied by ``output_map`` (linear compensation), on the device."""
         module = self.adapter.layers(self.skeleton)[original]
-        if self._loaded.get(original) != scale:
+        state = (scale, None if output_map is None else id(output_map))
+        if self._loaded.get(original) != state:
             prefix = f"{self.adapter.layer_prefix}{original}."
             raw = {k.removeprefix(prefix): v for k, v in self._read(self.layer_keys(original)).items()}
             for key, tensor in raw.items():
+                mapped = None if output_map is None else self.adapter.map_writer_tensor(key, tensor, output_map)
+                if mapped is not None:
+                    raw[key] = tensor = mapped
                 if scale != 1.0 and (scaled := self.adapter.scale_writer_tensor(key, tensor, scale)) is not None:
                     raw[key] = scaled
             try:
@@ -141,7 +152,7 @@ class LayerwiseModel:
                     f"{self.source.directory}: layer {original} does not match the config: {message}"
                 ) from None
             if self.resident:
-                self._loaded[original] = scale
+                self._loaded[original] = state
         self.adapter.set_layer_index(module, original if position is None else position)
         try:
             yield module

@@ -13,13 +13,20 @@ import torch
 from torch import nn
 
 from prunecomp_export.adapters import Adapter
-from prunecomp_export.engine.compensation import FoldForm, fold, magnitude_gap
+from prunecomp_export.engine.compensation import (
+    FoldForm,
+    fit_output_map,
+    fold,
+    magnitude_gap,
+    refine_minimum,
+    scalar_candidates,
+)
 from prunecomp_export.engine.layerwise import LayerwiseModel
-from prunecomp_export.engine.metrics import METRICS, Metric, MetricContext, contiguous_cosine_blocks
+from prunecomp_export.engine.metrics import METRICS, Metric, MetricContext, RemovalProbe, contiguous_cosine_blocks
 from prunecomp_export.engine.stream_cache import StreamCache
 from prunecomp_export.engine.streams import ResidualStreams
 from prunecomp_export.engine.surgery import delete_layers
-from prunecomp_export.engine.variant import Variant, dense_variant, variant_after
+from prunecomp_export.engine.variant import OutputMap, Variant, dense_variant, variant_after
 from prunecomp_export.errors import RecipeError
 from prunecomp_export.progress import Reporter
 from prunecomp_export.recipe import PruneSpec
@@ -35,16 +42,37 @@ class Plan:
     num_drop: int
     protected: frozenset[int]
     drop_layers: tuple[int, ...] | None
-    fold_form: FoldForm | None  # None: no compensation
+    fold_form: FoldForm | None  # where a scalar goes; None: no scalar compensation
     untie: bool
+    #: none | magnitude (the paper's alpha) | fitted (a scalar chosen on calibration loss) | linear (a map)
+    compensation: str = "magnitude"
+    #: ridge of the linear map's least squares, relative to the mean diagonal of M^T M
+    ridge: float = 0.0
+    #: how many calibration batches fit the scalar and score candidate removals (None: all)
+    probe_batches: int | None = None
 
 
 @dataclass
 class Step:
-    """One removal: contiguous original layer indices and the alpha folded for them."""
+    """One removal: contiguous original layer indices, the scalar folded for them (``alpha``), the
+    paper's magnitude gap measured for them (recorded beside a fitted scalar), and the linear map
+    folded into the MLP of the last kept layer before the gap, if any."""
 
     removed: list[int]
     alpha: float
+    paper_alpha: float | None = None
+    output_map: OutputMap | None = field(default=None, repr=False, compare=False)
+
+    def as_fold(self) -> tuple[list[int], float, OutputMap | None]:
+        return self.removed, self.alpha, self.output_map
+
+    def to_json(self) -> dict:
+        return {
+            "removed": self.removed,
+            "alpha": self.alpha,
+            "paper_alpha": self.paper_alpha,
+            "output_map_layer": None if self.output_map is None else self.output_map[0],
+        }
 
 
 @dataclass
@@ -59,7 +87,8 @@ class Round:
     full_forward_layer_forwards: int
 
     def to_json(self) -> dict:
-        data = asdict(self)
+        data = asdict(replace(self, step=None))
+        data["step"] = self.step.to_json()
         data["scores"] = None if self.scores is None else [None if math.isnan(s) else s for s in self.scores]
         return data
 
@@ -68,6 +97,7 @@ class Round:
 class Trajectory:
     metric: str
     schedule: str
+    compensation: str
     fold_form: FoldForm | None
     untie: bool
     dense_calibration_loss: float
@@ -85,6 +115,7 @@ class Trajectory:
         return {
             "metric": self.metric,
             "schedule": self.schedule,
+            "compensation": self.compensation,
             "fold_form": self.fold_form,
             "untie": self.untie,
             "dense_calibration_loss": self.dense_calibration_loss,
@@ -132,7 +163,7 @@ def make_plan(spec: PruneSpec, num_layers: int, tied: bool) -> Plan:
             "contiguous_cosine removes one contiguous block at once: set prune.schedule: one_shot", key="prune.schedule"
         )
     untie = tied and spec.tied_embedding == "untie"
-    if spec.compensation == "none":
+    if spec.compensation in ("none", "linear"):
         fold_form = None
     elif tied and spec.tied_embedding == "post_gap":
         fold_form = "post_gap"
@@ -140,7 +171,18 @@ def make_plan(spec: PruneSpec, num_layers: int, tied: bool) -> Plan:
         fold_form = "pre_gap"
     else:
         fold_form = spec.fold
-    return Plan(metric, num_layers, num_drop, frozenset(protected), drop_layers, fold_form, untie)
+    return Plan(
+        metric,
+        num_layers,
+        num_drop,
+        frozenset(protected),
+        drop_layers,
+        fold_form,
+        untie,
+        spec.compensation,
+        spec.ridge,
+        spec.probe_batches,
+    )
 
 
 def _normalise(index: int, num_layers: int, key: str) -> int:
@@ -163,7 +205,9 @@ def prune(
     dense = replace(dense_variant(plan.num_layers), untie=plan.untie)
     streams = ResidualStreams(model, batches, cache, dense)
     streams.capture(reporter)
-    trajectory = Trajectory(plan.metric.name, schedule, plan.fold_form, plan.untie, streams.lm_loss())
+    trajectory = Trajectory(
+        plan.metric.name, schedule, plan.compensation, plan.fold_form, plan.untie, streams.lm_loss()
+    )
     if schedule == "one_shot":
         _one_shot(streams, plan, trajectory)
     else:
@@ -171,11 +215,19 @@ def prune(
             _one_round(streams, plan, trajectory, number)
             last = trajectory.rounds[-1]
             reporter.log(
-                f"round {number + 1}/{plan.num_drop}: removed layer {last.step.removed[0]} (alpha "
-                f"{last.step.alpha:.4f}), calibration loss {last.calibration_loss:.4f}, "
+                f"round {number + 1}/{plan.num_drop}: removed layer {last.step.removed[0]} ({_describe(last.step)}), "
+                f"calibration loss {last.calibration_loss:.4f}, "
                 f"{last.layer_forwards / last.full_forward_layer_forwards:.2f}x a full forward"
             )
     return trajectory
+
+
+def _describe(step: Step) -> str:
+    if step.output_map is not None:
+        return f"linear map on layer {step.output_map[0]}"
+    if step.paper_alpha is not None and step.paper_alpha != step.alpha:
+        return f"scalar {step.alpha:.4f}, paper alpha {step.paper_alpha:.4f}"
+    return f"alpha {step.alpha:.4f}"
 
 
 def _candidates(plan: Plan, original: tuple[int, ...]) -> frozenset[int]:
@@ -186,17 +238,17 @@ def _one_round(streams: ResidualStreams, plan: Plan, trajectory: Trajectory, num
     start = streams.layer_forwards
     scored = list(streams.variant.kept)
     candidates = _candidates(plan, streams.variant.kept)
-    scores = plan.metric.score(MetricContext(streams, candidates))
+    scores = plan.metric.score(MetricContext(streams, candidates, _removal_probe(streams, plan)))
     if plan.drop_layers is not None:
         index = scored.index(plan.drop_layers[number])
     else:
         index = min(candidates, key=lambda k: scores[k])
-    alpha = _alpha(streams, plan, index, 1)
-    _remove(streams, plan, trajectory, index, 1, alpha)
+    step = _compensate(streams, plan, index, 1)
+    _remove(streams, plan, trajectory, index, step)
     trajectory.rounds.append(
         Round(
             number + 1,
-            Step([scored[index]], alpha),
+            step,
             scored,
             scores,
             streams.lm_loss(),
@@ -206,23 +258,89 @@ def _one_round(streams: ResidualStreams, plan: Plan, trajectory: Trajectory, num
     )
 
 
-def _alpha(streams: ResidualStreams, plan: Plan, index: int, count: int) -> float:
+def _probe_batches(streams: ResidualStreams, plan: Plan) -> list[int]:
+    return list(range(len(streams.batches)))[: plan.probe_batches]
+
+
+def _compensate(streams: ResidualStreams, plan: Plan, index: int, count: int) -> Step:
+    """The step removing current layers index..index+count-1, with the plan's compensation."""
+    removed = list(streams.variant.kept[index : index + count])
+    if plan.compensation == "linear":
+        return Step(removed, 1.0, None, _output_map(streams, plan, index, count, list(range(len(streams.batches)))))
+    alpha = _alpha(streams, plan, index, count)
+    if plan.compensation == "fitted" and alpha != 1.0:
+        return Step(removed, _fitted_scalar(streams, index, count, alpha, _probe_batches(streams, plan)), alpha)
+    return Step(removed, alpha, alpha if plan.fold_form is not None else None)
+
+
+def _alpha(streams: ResidualStreams, plan: Plan, index: int, count: int, batch_ids: list[int] | None = None) -> float:
     """The gap across current layers index..index+count-1; none needed before the final norm."""
     if plan.fold_form is None or index + count >= streams.num_layers:
         return 1.0
-    return magnitude_gap(streams.boundary(index), streams.boundary(index + count))
+    if batch_ids is None:
+        return magnitude_gap(streams.boundary(index), streams.boundary(index + count))
+    cache = streams.cache
+    return magnitude_gap([cache.get(index, b) for b in batch_ids], [cache.get(index + count, b) for b in batch_ids])
+
+
+def _fitted_scalar(streams: ResidualStreams, index: int, count: int, alpha: float, batch_ids: list[int]) -> float:
+    """The scalar with the lowest calibration loss (on ``batch_ids``) after the removal, among none,
+    the paper's alpha and points around them, refined by a parabola through the best three. The
+    stream entering the gap is scaled, which is what either fold form does (up to the norm's epsilon)."""
+    first = index + count
+    entering = [streams.cache.get(index, b) for b in batch_ids]
+
+    def losses(scalars: list[float]) -> list[float]:
+        return streams.probe_losses([(first, [c * h for h in entering]) for c in scalars], batch_ids)
+
+    scalars = scalar_candidates(alpha)
+    tried = list(zip(scalars, losses(scalars), strict=True))
+    vertex = refine_minimum(tried)
+    if vertex is not None and min(abs(vertex - c) for c in scalars) > 1e-4 * abs(alpha - 1.0):
+        tried += list(zip([vertex], losses([vertex]), strict=True))
+    return min(tried, key=lambda point: point[1])[0]
+
+
+def _output_map(streams: ResidualStreams, plan: Plan, index: int, count: int, batch_ids: list[int]) -> OutputMap | None:
+    """The map T for the MLP of the last kept layer before the gap (current layer index-1): with M
+    its MLP's write and r the stream M is added to, M T best reproduces h_after - r, h_after being the
+    stream after the removed layer(s). None when no layer precedes the gap."""
+    if index == 0:
+        return None
+    after = [streams.cache.get(index + count, b) for b in batch_ids]
+    writes = streams.mlp_writes(index - 1, batch_ids)
+    pairs = ((m, m + h_after - out) for (m, out), h_after in zip(writes, after, strict=True))
+    return streams.variant.kept[index - 1], fit_output_map(pairs, plan.ridge).float().cpu()
+
+
+def _removal_probe(streams: ResidualStreams, plan: Plan) -> RemovalProbe:
+    """How a compensation-aware metric sees removing current layer k: the stream entering layer k+1
+    with the plan's compensation, on the probe batches. A fitted scalar is scored with the paper's
+    alpha (fitting one per candidate would multiply the cost by the number of scalars tried)."""
+    batch_ids = _probe_batches(streams, plan)
+
+    def start(k: int) -> tuple[int, list[torch.Tensor]]:
+        entering = [streams.cache.get(k, b) for b in batch_ids]
+        if plan.compensation == "linear" and (output_map := _output_map(streams, plan, k, 1, batch_ids)) is not None:
+            correction = output_map[1] - torch.eye(output_map[1].shape[0])  # M T = M + M (T - I)
+            writes = streams.mlp_writes(k - 1, batch_ids)
+            return k + 1, [h + m @ correction.to(m) for h, (m, _out) in zip(entering, writes, strict=True)]
+        alpha = _alpha(streams, plan, k, 1, batch_ids)
+        return k + 1, [alpha * h for h in entering]
+
+    return RemovalProbe(start, batch_ids)
 
 
 def variant_of(name: str, plan: Plan, steps: list[Step]) -> Variant:
-    return variant_after(name, plan.num_layers, [(s.removed, s.alpha) for s in steps], plan.fold_form, plan.untie)
+    return variant_after(name, plan.num_layers, [s.as_fold() for s in steps], plan.fold_form, plan.untie)
 
 
-def _remove(streams: ResidualStreams, plan: Plan, trajectory: Trajectory, index: int, count: int, alpha: float) -> None:
-    step = Step(list(streams.variant.kept[index : index + count]), alpha)
+def _remove(streams: ResidualStreams, plan: Plan, trajectory: Trajectory, index: int, step: Step) -> None:
     variant = variant_of("prunecomp", plan, [*trajectory.steps, step])
     gap_inside = index < len(variant.kept)
-    scale = alpha if plan.fold_form == "pre_gap" and gap_inside else 1.0
-    streams.after_removal(index, count, variant, scale_before=scale)
+    scale = step.alpha if plan.fold_form == "pre_gap" and gap_inside else 1.0
+    changed_before = step.output_map is not None
+    streams.after_removal(index, len(step.removed), variant, scale_before=scale, changed_before=changed_before)
 
 
 def one_shot_choice(plan: Plan, scores: list[float], candidates: frozenset[int], count: int | None = None) -> list[int]:
@@ -262,7 +380,7 @@ def _one_shot(streams: ResidualStreams, plan: Plan, trajectory: Trajectory) -> N
     start = streams.layer_forwards
     scored = list(streams.variant.kept)
     candidates = _candidates(plan, streams.variant.kept)
-    scores = plan.metric.score(MetricContext(streams, candidates))
+    scores = plan.metric.score(MetricContext(streams, candidates, _removal_probe(streams, plan)))
     if plan.metric.block and plan.drop_layers is None:
         blocks = contiguous_cosine_blocks(streams, plan.num_drop)
         allowed = [i for i in range(len(blocks)) if all(k in candidates for k in range(i, i + plan.num_drop))]
@@ -270,7 +388,7 @@ def _one_shot(streams: ResidualStreams, plan: Plan, trajectory: Trajectory) -> N
         chosen = list(range(first, first + plan.num_drop))
     else:
         chosen = one_shot_choice(plan, scores, candidates)
-    steps = [Step(run, _alpha(streams, plan, run[0], len(run))) for run in _contiguous_runs(chosen)]
+    steps = [_compensate(streams, plan, run[0], len(run)) for run in _contiguous_runs(chosen)]
     streams.variant = variant_of("prunecomp", plan, steps)
     streams.capture()
     for number, step in enumerate(steps):
@@ -301,9 +419,12 @@ def _contiguous_runs(indices: list[int]) -> list[list[int]]:
 
 
 def apply_steps(model: nn.Module, adapter: Adapter, steps: list[Step], fold_form: FoldForm | None) -> None:
-    """Delete each step's original layers and fold its alpha at the gap, in order."""
+    """Delete each step's original layers and fold its alpha at the gap, in order (scalar steps only:
+    the tests check a linear map against a runtime hook instead)."""
     original = list(range(len(adapter.layers(model))))
     for step in steps:
+        if step.output_map is not None:
+            raise ValueError("the in-memory fold replays scalar compensation only")
         index = original.index(step.removed[0])
         delete_layers(adapter, model, index, len(step.removed))
         del original[index : index + len(step.removed)]

@@ -15,10 +15,22 @@ from prunecomp_export.registry import Registry
 
 
 @dataclass(frozen=True)
+class RemovalProbe:
+    """What removing current layer k with the run's compensation does: ``start(k)`` gives the
+    streams entering layer k+1 (its index and one stream per batch of ``batch_ids``)."""
+
+    start: Callable[[int], tuple[int, list[torch.Tensor]]]
+    batch_ids: list[int]
+    #: candidates run through the model together (each holds its streams; a pass reads every layer once)
+    group: int = 8
+
+
+@dataclass(frozen=True)
 class MetricContext:
     streams: ResidualStreams
     #: current layer indices that may be removed; others need no score
     candidates: frozenset[int]
+    removal: RemovalProbe | None = None
 
 
 @dataclass(frozen=True)
@@ -78,6 +90,19 @@ def layer_bypass_loss(ctx: MetricContext) -> list[float]:
     return scores
 
 
+def compensated_loss(ctx: MetricContext) -> list[float]:
+    """Calibration loss (on a bounded subset of the batches) after removing each candidate layer with
+    the run's compensation: SLEB's criterion, seeing what the removal costs once compensated."""
+    s, removal = ctx.streams, ctx.removal
+    scores = [math.nan] * s.num_layers
+    candidates = sorted(ctx.candidates)
+    for at in range(0, len(candidates), removal.group):
+        group = candidates[at : at + removal.group]
+        for k, loss in zip(group, s.probe_losses([removal.start(k) for k in group], removal.batch_ids), strict=True):
+            scores[k] = loss
+    return scores
+
+
 def _l1_grad_product(layer: torch.nn.Module) -> float:
     params = [p for p in layer.parameters() if p.grad is not None]
     return sum((p.detach().float() * p.grad.float()).abs().sum().item() for p in params)
@@ -134,6 +159,10 @@ METRICS.add(
 METRICS.add(
     "ppl",
     Metric("ppl", "SLEB: calibration loss with the layer bypassed", layer_bypass_loss, lambda n: {0, n - 1}),
+)
+METRICS.add(
+    "compensated_loss",
+    Metric("compensated_loss", "calibration loss after the removal with its compensation", compensated_loss),
 )
 METRICS.add("taylor_plus", Metric("taylor_plus", "Shortened-LLaMA Taylor+", taylor_plus, _keep_first4_last2))
 METRICS.add("magnitude_plus", Metric("magnitude_plus", "Weight L1 mass (Mag+)", magnitude_plus, _keep_first4_last2))

@@ -59,7 +59,8 @@ class ResidualStreams:
         return layer_output(layer(hidden, **self.layer_kwargs[b][self.variant.kept[k]]))
 
     def layer(self, k: int):
-        return self.model.layer(self.variant.kept[k], self.variant.writer_scale[k], k)
+        original = self.variant.kept[k]
+        return self.model.layer(original, self.variant.writer_scale[k], k, self.variant.output_map_of(original))
 
     @torch.no_grad()
     def run_from(self, start: int, reporter: Reporter | None = None) -> None:
@@ -84,24 +85,60 @@ class ResidualStreams:
         return hidden
 
     @torch.no_grad()
-    def after_removal(self, index: int, count: int, variant: Variant, scale_before: float = 1.0) -> None:
+    def mlp_writes(self, k: int, batch_ids: list[int]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """For current layer k, per batch in ``batch_ids``: what its MLP adds to the stream, and the
+        layer's output (the stream entering layer k+1). The layer is materialised once."""
+        captured: list[torch.Tensor] = []
+
+        def keep(_module, _inputs, output):
+            captured.append(output[0] if isinstance(output, tuple) else output)
+
+        with self.layer(k) as layer:
+            handle = self.adapter.mlp_output_module(layer).register_forward_hook(keep)
+            try:
+                for b in batch_ids:
+                    out = self.apply(layer, k, b, self.cache.get(k, b))
+                    yield captured.pop().reshape(out.shape), out
+            finally:
+                handle.remove()
+
+    @torch.no_grad()
+    def probe_losses(self, probes: list[tuple[int, list[torch.Tensor]]], batch_ids: list[int]) -> list[float]:
+        """Calibration loss on the batches ``batch_ids`` of each probe ``(first, streams)``: streams that
+        enter current layer ``first`` and run through the rest of the model. Each layer is materialised
+        once for all probes, so a streamed model reads its weights once per call."""
+        hidden = [list(streams) for _first, streams in probes]
+        for j in range(min((first for first, _ in probes), default=self.num_layers), self.num_layers):
+            with self.layer(j) as layer:
+                for p, (first, _streams) in enumerate(probes):
+                    if first <= j:
+                        hidden[p] = [self.apply(layer, j, b, h) for b, h in zip(batch_ids, hidden[p], strict=True)]
+        return [self.lm_loss(finals, batch_ids) for finals in hidden]
+
+    @torch.no_grad()
+    def after_removal(
+        self, index: int, count: int, variant: Variant, scale_before: float = 1.0, changed_before: bool = False
+    ) -> None:
         """Layers index..index+count-1 were removed and ``variant`` is the model now: drop their
-        outputs, rescale the stream before the gap (pre-gap fold) and rerun the layers after it."""
+        outputs, rescale the stream before the gap (pre-gap fold) and rerun the layers after it
+        (from the layer before the gap when its weights changed: a linear compensation map)."""
         for _ in range(count):
             self.cache.delete(index + 1)
         if scale_before != 1.0:
             for k in range(index + 1):
                 self.cache.rescale(k, scale_before)
         self.variant = variant
-        self.run_from(index)
+        self.run_from(index - 1 if changed_before and index > 0 else index)
 
     @torch.no_grad()
-    def lm_loss(self, final_streams: list[torch.Tensor] | None = None) -> float:
-        """Mean next-token NLL of the calibration tokens, from the streams entering the final norm."""
+    def lm_loss(self, final_streams: list[torch.Tensor] | None = None, batch_ids: list[int] | None = None) -> float:
+        """Mean next-token NLL of the calibration tokens (of ``batch_ids``, default all), from the
+        streams entering the final norm."""
         finals = final_streams if final_streams is not None else self.boundary(self.num_layers)
+        batches = self.batches if batch_ids is None else [self.batches[b] for b in batch_ids]
         total, count = 0.0, 0
         with self.model.head(self.variant.embedding_scale, self.variant.untie) as logits_of:
-            for input_ids, hidden in zip(self.batches, finals, strict=True):
+            for input_ids, hidden in zip(batches, finals, strict=True):
                 nll, n = token_nll(logits_of, hidden, input_ids)
                 total, count = total + nll, count + n
         return total / count

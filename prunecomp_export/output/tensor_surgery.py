@@ -120,6 +120,10 @@ class _Output:
     def produce(self, source: SafetensorsCheckpoint, adapter: Adapter, variant: Variant) -> torch.Tensor:
         tensor = source.tensor(self.source_key)  # a copy: the shard's memory map is not kept alive
         if self.position is not None:
+            output_map = variant.output_map_of(variant.kept[self.position])
+            mapped = None if output_map is None else adapter.map_writer_tensor(self.layer_key, tensor, output_map)
+            if mapped is not None:
+                tensor = mapped
             factor = variant.writer_scale[self.position]
             if factor != 1.0 and (out := adapter.scale_writer_tensor(self.layer_key, tensor, factor)) is not None:
                 return out

@@ -87,12 +87,13 @@ def render_markdown(results: RunResults) -> str:
         "",
         "## Trajectory",
         "",
-        "| round | removed (original index) | alpha | calibration loss |",
+        f"| round | removed (original index) | compensation ({trajectory.compensation}) | calibration loss |",
         "|---|---|---|---|",
     ]
     for r in trajectory.rounds:
         loss = "" if r.calibration_loss is None else f"{r.calibration_loss:.4f}"
-        lines.append(f"| {r.round} | {', '.join(map(str, r.step.removed))} | {r.step.alpha:.4f} | {loss} |")
+        compensation = compensation_text(r.step.alpha, r.step.paper_alpha, r.step.output_map_layer)
+        lines.append(f"| {r.round} | {', '.join(map(str, r.step.removed))} | {compensation} | {loss} |")
     if results.bench:
         lines += ["", "## Latency", "", *bench_markdown(results.bench)]
     lines += ["", "## Cost", "", *cost_markdown(results)]
@@ -159,6 +160,16 @@ def _fmt(value: float | None, spec: str = ".1f") -> str:
 
 def _gb(size: int | None) -> str:
     return _fmt(None if size is None else size / GB, ".2f")
+
+
+def compensation_text(alpha: float, paper_alpha: float | None, output_map_layer: int | None) -> str:
+    """One removal's compensation: the scalar folded (with the paper's alpha beside a fitted one), or
+    the layer whose down projection carries the linear map."""
+    if output_map_layer is not None:
+        return f"map on layer {output_map_layer}"
+    if paper_alpha is not None and paper_alpha != alpha:
+        return f"{alpha:.4f} (paper {paper_alpha:.4f})"
+    return f"{alpha:.4f}"
 
 
 def cost_table(results: RunResults) -> tuple[list[str], list[list[str]]]:

@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from prunecomp_export.costs import StageCost
 
-SCHEMA = "prunecomp-results/2"
+SCHEMA = "prunecomp-results/3"
 SCHEMA_FILE = Path(__file__).resolve().parent / "schemas" / "results.schema.json"
 
 Variant = Literal["dense", "baseline", "prunecomp"]
@@ -36,10 +36,14 @@ class ModelInfo(_Strict):
 
 
 class TrajectoryStep(_Strict):
-    """One removal: contiguous original layer indices and the alpha folded for them."""
+    """One removal: contiguous original layer indices, the scalar folded for them, the paper's
+    magnitude gap measured for them (None without scalar compensation) and the layer whose MLP
+    output carries a linear compensation map (None without one)."""
 
     removed: list[int] = Field(min_length=1)
     alpha: float = Field(gt=0)
+    paper_alpha: float | None = Field(None, gt=0)
+    output_map_layer: int | None = Field(None, ge=0)
 
 
 class TrajectoryRound(_Strict):
@@ -59,6 +63,7 @@ class TrajectoryInfo(_Strict):
 
     metric: str
     schedule: str
+    compensation: Literal["magnitude", "fitted", "linear", "none"]
     fold_form: Literal["pre_gap", "post_gap"] | None
     untie: bool
     dense_calibration_loss: float
@@ -123,7 +128,7 @@ class RunResults(_Strict):
     )
 
     # "schema" in the file (required there, so no default); ``schema_id`` here (``schema`` is a BaseModel attribute)
-    schema_id: Literal["prunecomp-results/2"] = Field(alias="schema")
+    schema_id: Literal["prunecomp-results/3"] = Field(alias="schema")
     created: str
     model: ModelInfo
     recipe: dict[str, Any]

@@ -8,7 +8,7 @@ from rich.console import Console
 from rich.table import Table
 
 from prunecomp_export.pipeline import DryRunResult, RunResult
-from prunecomp_export.report.render import cost_table, execution_line, summary_table
+from prunecomp_export.report.render import compensation_text, cost_table, execution_line, summary_table
 from prunecomp_export.report.results import RunResults
 
 
@@ -20,6 +20,7 @@ def print_dry_run(result: DryRunResult, console: Console) -> None:
     table.add_row("metric", plan.metric.name)
     table.add_row("protected layers", ", ".join(map(str, sorted(plan.protected))) or "none")
     table.add_row("tied embeddings", "yes" if result.tied_embeddings else "no")
+    table.add_row("compensation", plan.compensation)
     table.add_row("compensation fold", plan.fold_form or "none" + (" (untied first)" if plan.untie else ""))
     table.add_row("targets", ", ".join(result.targets))
     console.print(table)
@@ -28,7 +29,7 @@ def print_dry_run(result: DryRunResult, console: Console) -> None:
 def print_run(result: RunResult, console: Console) -> None:
     trajectory = result.trajectory
     rounds = Table(title=f"Prune&Comp trajectory ({trajectory.metric}, {trajectory.schedule})")
-    for column in ("round", "removed (original)", "alpha", "calib loss", "layer-forwards", "vs full forward"):
+    for column in ("round", "removed (original)", "compensation", "calib loss", "layer-forwards", "vs full forward"):
         rounds.add_column(column, justify="right")
     rounds.add_row("0", "-", "-", f"{trajectory.dense_calibration_loss:.4f}", "-", "-")
     for r in trajectory.rounds:
@@ -37,7 +38,7 @@ def print_run(result: RunResult, console: Console) -> None:
         rounds.add_row(
             str(r.round),
             ", ".join(map(str, r.step.removed)),
-            f"{r.step.alpha:.4f}",
+            compensation_text(r.step.alpha, r.step.paper_alpha, r.step.output_map[0] if r.step.output_map else None),
             loss,
             str(r.layer_forwards),
             f"{share:.2f}x" if r.layer_forwards else "",
