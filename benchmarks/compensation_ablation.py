@@ -23,7 +23,7 @@ import json
 import math
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -131,6 +131,15 @@ def main() -> None:
     parser.add_argument("--qa", action="store_true", help="also lm-eval QA accuracy (slow)")
     parser.add_argument("--ridges", type=float, nargs="*", default=[0.0, 1e-4, 1e-3, 1e-2, 1e-1])
     parser.add_argument("--parts", nargs="+", default=["layers", "ridge", "selection"])
+    parser.add_argument("--compensations", nargs="+", default=["none", "magnitude", "fitted", "linear"])
+    parser.add_argument(
+        "--pipelines",
+        nargs="+",
+        default=["block_influence:magnitude", "block_influence:fitted", "block_influence:linear",
+                 "compensated_loss:magnitude", "compensated_loss:linear"],
+        help="metric:compensation runs for the selection part",
+    )  # fmt: skip
+    parser.add_argument("--probe-batches", type=int, default=1, help="calibration batches compensated_loss scores on")
     parser.add_argument("--json", type=Path, help="write every row here")
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -147,7 +156,7 @@ def main() -> None:
 
     if "layers" in args.parts:
         for k in args.points:
-            for compensation in ("none", "magnitude", "fitted", "linear"):
+            for compensation in args.compensations:
                 plan = plan_for(s, drop_layers=order[:k], compensation=compensation)
                 started = time.perf_counter()
                 trajectory = reference if compensation == "magnitude" and k == most else run(s, plan)
@@ -176,13 +185,15 @@ def main() -> None:
             rows.append({"row": "one-shot block influence, none", "layers_removed": k, "removed": removed,
                          **measure(s, one_shot, None)})  # fmt: skip
             print(json.dumps(rows[-1]), flush=True)
-        for metric in ("block_influence", "compensated_loss"):
-            for compensation in ("magnitude", "fitted", "linear"):
-                plan = plan_for(s, num_drop=most, metric=metric, compensation=compensation)
-                started = time.perf_counter()
-                trajectory = reference if (metric, compensation) == ("block_influence", "magnitude") else run(s, plan)
-                for k in args.points:
-                    rows.append(row(s, f"pipeline, {metric}, {compensation}", plan, trajectory, k, started))
+        for pipeline in args.pipelines:
+            metric, compensation = pipeline.split(":")
+            plan = plan_for(s, num_drop=most, metric=metric, compensation=compensation)
+            if metric == "compensated_loss":
+                plan = replace(plan, probe_batches=args.probe_batches)
+            started = time.perf_counter()
+            trajectory = reference if (metric, compensation) == ("block_influence", "magnitude") else run(s, plan)
+            for k in args.points:
+                rows.append(row(s, f"pipeline, {metric}, {compensation}", plan, trajectory, k, started))
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
     print(table(rows))

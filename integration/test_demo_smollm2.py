@@ -12,7 +12,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 def test_prunecomp_beats_one_shot_without_compensation(smollm2_demo_run):
     result = smollm2_demo_run
     assert result.layers_before == 30 and result.layers_after == 24
-    ppl = {(m.variant, m.dataset): m.value for m in result.measurements if m.kind == "perplexity"}
+    final = [m for m in result.measurements if m.layers_removed in (0, 6)]
+    ppl = {(m.variant, m.dataset): m.value for m in final if m.kind == "perplexity"}
     corpora = {dataset for _variant, dataset in ppl}
     assert corpora == {"gensim-wiki-heldout", "gensim-news"}
     for corpus in corpora:
@@ -20,8 +21,12 @@ def test_prunecomp_beats_one_shot_without_compensation(smollm2_demo_run):
         assert ppl["dense", corpus] < ppl["prunecomp", corpus], (corpus, ppl)
     alphas = [r.step.alpha for r in result.trajectory.rounds]
     assert all(a != 1.0 for a in alphas[:-1] if a)  # a gap before the last layer always gets an alpha
-    accuracy = {m.dataset for m in result.measurements if m.kind == "accuracy" and m.variant == "prunecomp"}
+    accuracy = {m.dataset for m in final if m.kind == "accuracy" and m.variant == "prunecomp"}
     assert accuracy == {"gensim_analogy", "gensim_sentiment"}
+    # the report's curves: every variant at 2, 4 and 6 removed layers, on every corpus and task
+    for variant in ("prunecomp", "baseline"):
+        points = {(m.layers_removed, m.dataset) for m in result.measurements if m.variant == variant}
+        assert points == {(k, d) for k in (2, 4, 6) for d in (*corpora, *accuracy)}, variant
     assert result.signoff_passed
 
 

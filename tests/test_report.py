@@ -11,6 +11,7 @@ from click.testing import CliRunner
 from prunecomp_export.cli import main
 from prunecomp_export.evaluation.evaluator import Measurement
 from prunecomp_export.recipe import SignoffSpec
+from prunecomp_export.report.render import accuracy_curve, perplexity_curve
 from prunecomp_export.report.results import SCHEMA, SCHEMA_FILE, RunResults, schema_text
 from prunecomp_export.report.signoff import accuracy_kept, evaluate_signoff, perplexity_ratios
 from tests.test_recipe_errors import GOOD, tiny_dir, write  # noqa: F401  (fixture)
@@ -34,6 +35,19 @@ def test_kept_percent_and_perplexity_ratio_by_hand():
     assert accuracy_kept(ROWS, "prunecomp", 2) == pytest.approx(90.0)
     assert accuracy_kept(ROWS, "baseline", 2) == pytest.approx(100 * 0.5 / 0.7)
     assert perplexity_ratios(ROWS, "prunecomp", 2) == {"wiki": 1.5, "news": 2.0}
+
+
+def test_plot_curves_run_from_the_dense_model_through_every_evaluated_point():
+    rows = [
+        *ROWS,
+        Measurement("prunecomp", 4, "perplexity", "wiki", 50.0),
+        Measurement("prunecomp", 4, "accuracy", "a", 0.60),
+        Measurement("prunecomp", 4, "accuracy", "b", 0.52),
+    ]
+    assert perplexity_curve(rows, "prunecomp", "wiki") == [(0, 1.0), (2, 1.5), (4, 2.5)]
+    assert perplexity_curve(rows, "prunecomp", "news") == [(0, 1.0), (2, 2.0)]  # not measured at 4
+    (x0, y0), (x2, y2), (x4, y4) = accuracy_curve(rows, "prunecomp")  # dense mean 0.70
+    assert (x0, x2, x4) == (0, 2, 4) and (y0, y2, y4) == pytest.approx((100.0, 90.0, 80.0))
 
 
 @pytest.mark.parametrize(

@@ -202,6 +202,20 @@ def cost_markdown(results: RunResults) -> list[str]:
     return [*lines, "", execution_line(results)]
 
 
+def perplexity_curve(rows: list[MeasurementRow], variant: str, corpus_name: str) -> list[tuple[int, float]]:
+    """(layers removed, perplexity / dense) from the dense model at 0 through every evaluated point."""
+    points = sorted({r.layers_removed for r in rows if r.variant == variant})
+    curve = [(k, perplexity_ratios(rows, variant, k).get(corpus_name)) for k in points]
+    return [(0, 1.0), *((k, v) for k, v in curve if v is not None)]
+
+
+def accuracy_curve(rows: list[MeasurementRow], variant: str) -> list[tuple[int, float]]:
+    """(layers removed, accuracy kept %) from the dense model at 0 through every evaluated point."""
+    points = sorted({r.layers_removed for r in rows if r.variant == variant})
+    curve = [(k, accuracy_kept(rows, variant, k)) for k in points]
+    return [(0, 100.0), *((k, v) for k, v in curve if v is not None)]
+
+
 def plots(results: RunResults) -> dict[str, bytes]:
     """PNG bytes of each plot: PPL and accuracy kept versus layers removed (and speed, if measured)."""
     import matplotlib
@@ -217,14 +231,9 @@ def plots(results: RunResults) -> dict[str, bytes]:
         fig, ax = plt.subplots(figsize=(6.4, 4))
         for corpus_name in corpora:
             for variant, style in (("prunecomp", "-o"), ("baseline", "--s")):
-                xs, ys = [], []
-                for k in points:
-                    ratio = perplexity_ratios(rows, variant, k).get(corpus_name)
-                    if ratio is not None:
-                        xs.append(k)
-                        ys.append(ratio)
-                if xs:
-                    ax.plot(xs, ys, style, label=f"{LABELS[variant]} — {Path(corpus_name).name}")
+                curve = perplexity_curve(rows, variant, corpus_name)
+                if len(curve) > 1:
+                    ax.plot(*zip(*curve, strict=True), style, label=f"{LABELS[variant]} — {Path(corpus_name).name}")
         ax.axhline(1.0, color="gray", lw=0.8)
         ax.set(xlabel="layers removed", ylabel="perplexity / dense", title="Held-out token perplexity")
         ax.legend(fontsize=7)
@@ -232,10 +241,9 @@ def plots(results: RunResults) -> dict[str, bytes]:
     if any(r.kind == "accuracy" for r in rows) and points:
         fig, ax = plt.subplots(figsize=(6.4, 4))
         for variant, style in (("prunecomp", "-o"), ("baseline", "--s")):
-            pairs = [(k, accuracy_kept(rows, variant, k)) for k in points]
-            pairs = [(k, v) for k, v in pairs if v is not None]
-            if pairs:
-                ax.plot(*zip(*pairs, strict=True), style, label=LABELS[variant])
+            curve = accuracy_curve(rows, variant)
+            if len(curve) > 1:
+                ax.plot(*zip(*curve, strict=True), style, label=LABELS[variant])
         ax.axhline(100.0, color="gray", lw=0.8)
         ax.set(xlabel="layers removed", ylabel="accuracy kept (% of dense)", title="Zero-shot accuracy kept")
         ax.legend(fontsize=8)
