@@ -199,7 +199,7 @@ def run(recipe: Recipe, targets: list[str], reporter: Reporter | None = None, be
                 bench_results = _bench(checked, loaded, trajectory, checkpoint, stage, reporter)
                 (stage / "bench.json").write_text(json.dumps(bench_results, indent=2) + "\n")
         with meter.stage("report"):
-            (stage / "recipe.resolved.yaml").write_text(dump_recipe(recipe))
+            (stage / "recipe.resolved.yaml").write_text(dump_recipe(recorded_recipe(recipe)))
             (stage / "trajectory.json").write_text(json.dumps(trajectory.to_json(), indent=2) + "\n")
             results = _results(checked, loaded, trajectory, measurements, bench_results, meter)
             write_reports(results, stage)
@@ -398,7 +398,7 @@ def _results(checked: Checked, loaded: Loaded, trajectory: Trajectory, rows, ben
             layers_after=plan.num_layers - final,
             layers_removed=final,
         ),
-        recipe=recipe.model_dump(mode="json"),
+        recipe=recorded_recipe(recipe).model_dump(mode="json"),
         seeds={"calibration": recipe.calibration.seed},
         trajectory=TrajectoryInfo.model_validate(trajectory.to_json()),
         protocol=loaded.evaluator.protocol(),
@@ -421,12 +421,19 @@ def _results(checked: Checked, loaded: Loaded, trajectory: Trajectory, rows, ben
     )
 
 
+def recorded_recipe(recipe: Recipe) -> Recipe:
+    """The recipe as the output records it: ``output.dir`` is ``.``, the output itself. Every path
+    inside an output is relative to it: the output is written in a staging directory and renamed,
+    and may be moved or copied to another machine after."""
+    return recipe.model_copy(update={"output": recipe.output.model_copy(update={"dir": "."})})
+
+
 def _write_manifest(stage: Path, checked: Checked, identity, trajectory, verification, targets, results) -> None:
     plan = checked.plan
     manifest = {
         "schema": "prunecomp-manifest/1",
         "source_model": identity,
-        "recipe": checked.recipe.model_dump(mode="json"),
+        "recipe": recorded_recipe(checked.recipe).model_dump(mode="json"),
         "model_type": checked.config.model_type,
         "layers_before": plan.num_layers,
         "layers_after": plan.num_layers - plan.num_drop,

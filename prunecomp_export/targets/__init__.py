@@ -8,7 +8,10 @@ A target module provides:
 - ``build(checkpoint: Path, out_dir: Path, options: Options) -> dict``: takes the pruned plain
   HF checkpoint, writes everything into ``out_dir`` (a fresh temporary directory that the caller
   renames to ``<output>/targets/<name>`` on success), proves the artifact computes what the
-  checkpoint computes, and returns a JSON-serialisable record for the manifest. It raises
+  checkpoint computes, and returns a JSON-serialisable record for the manifest. No absolute path
+  of the output goes into what it writes (the output is staged, then renamed, and may be moved):
+  files in ``out_dir`` refer to the checkpoint relative to themselves, and the record's paths are
+  relative to the output directory (``out_dir`` is ``<output>/targets/<name>``). It raises
   ``TargetUnavailable`` when its runtime or hardware is missing and ``ValidationFailed`` when a
   parity check fails.
 """
