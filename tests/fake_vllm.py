@@ -9,7 +9,7 @@ import textwrap
 from pathlib import Path
 
 PACKAGE = textwrap.dedent(
-    '''
+    """
     from types import SimpleNamespace
 
     __version__ = "0.0-fake"
@@ -45,7 +45,7 @@ PACKAGE = textwrap.dedent(
                 text = self.tokenizer.decode(new)
                 outputs.append(SimpleNamespace(outputs=[SimpleNamespace(token_ids=new, text=text)]))
             return outputs
-    '''
+    """
 )
 
 
