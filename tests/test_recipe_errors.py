@@ -333,6 +333,7 @@ def test_full_run_on_a_tiny_model_writes_a_complete_output(tmp_path, tiny_dir):
         "report.md",
         "results.json",
         "trajectory.json",
+        "verification.safetensors",
     ]
     manifest = json.loads((out / "prunecomp_manifest.json").read_text())
     assert manifest["layers_after"] == 4

@@ -19,7 +19,11 @@ A target module provides:
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 from prunecomp_export.registry import Registry
 
@@ -37,7 +41,55 @@ def load_target(name: str) -> ModuleType:
 
 def build_target(name: str, checkpoint: str, out_dir: str, options: dict) -> dict:
     """Build one target from its validated options (the entry point of the target's child process)."""
-    from pathlib import Path
-
     module = load_target(name)
     return module.build(Path(checkpoint), Path(out_dir), module.Options.model_validate(options))
+
+
+def validated_options(name: str, raw: dict) -> Any:
+    """A target's ``Options`` from its recipe section, then its ``preflight`` (runtime installed,
+    hardware present): everything that can fail before any weight is read. Raises ``RecipeError``
+    naming the key path, or ``TargetUnavailable``."""
+    from pydantic import ValidationError
+
+    from prunecomp_export.errors import RecipeError
+
+    module = load_target(name)
+    try:
+        options = module.Options.model_validate(raw)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        key = ".".join(["targets", name, *map(str, err["loc"])])
+        raise RecipeError(err["msg"], key=key) from None
+    if (check := getattr(module, "preflight", None)) is not None:
+        check(options)
+    return options
+
+
+@dataclass
+class TargetBuilds:
+    """What building targets gave: each target's record (for the manifest) and its child's peak RSS."""
+
+    records: dict[str, dict] = field(default_factory=dict)
+    peak_rss_bytes: dict[str, int] = field(default_factory=dict)
+
+
+def build_targets(options: dict[str, Any], checkpoint: Path, output: Path, log: Callable[[str], None]) -> TargetBuilds:
+    """Build each target but ``hf`` (the checkpoint itself) from ``checkpoint`` into
+    ``output/targets/<name>`` (which must not exist), each in a child process of its own: the
+    pipeline's targets stage and ``prunecomp-export export`` alike."""
+    from prunecomp_export.child import run_in_child
+
+    builds = TargetBuilds()
+    for name, chosen in options.items():
+        if name == "hf":
+            continue
+        log(f"stage targets: {name}")
+        out_dir = output / "targets" / name
+        out_dir.mkdir(parents=True)
+        child = run_in_child(
+            "prunecomp_export.targets:build_target",
+            {"name": name, "checkpoint": str(checkpoint), "out_dir": str(out_dir), "options": chosen.model_dump()},
+        )
+        builds.records[name] = child.value
+        builds.peak_rss_bytes[name] = child.peak_rss_bytes
+    return builds

@@ -180,7 +180,7 @@ def vllm_env(options: Options) -> dict[str, str]:
     return env
 
 
-def _package_root_for_child() -> str:
+def package_root_for_child() -> str:
     """A directory holding only a link to this package, for a child's sys.path.
 
     Putting the real parent (site-packages, for an installed prunecomp-export) on another
@@ -638,7 +638,7 @@ def run_vllm_offline(
         }
         request_path = Path(tmp) / "request.json"
         request_path.write_text(json.dumps(request))
-        path_root = _package_root_for_child()
+        path_root = package_root_for_child()
         # -c, not a script: vLLM's spawned children then have no main module to re-import.
         bootstrap = (
             f"import sys; sys.path.insert(0, {path_root!r}); "
