@@ -229,6 +229,32 @@ def staged_output(final: Path, *, overwrite: bool) -> Iterator[Path]:
         raise
 
 
+def _link_or_copy(source: str, target: str) -> None:
+    """A hard link (no copy of a multi-GB shard), or a copy where the file system has none."""
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
+
+
+@contextlib.contextmanager
+def staged_update(final: Path, *, linked: Sequence[str] = ("checkpoint",)) -> Iterator[Path]:
+    """Change an existing output as atomically as a run writes one: yield a staging copy of it,
+    swapped in (``staged_output``) when the block succeeds, removed when it fails. The ``linked``
+    directories, which a change only reads, are hard-linked where the file system allows; the rest is
+    copied, so a file rewritten in the staging copy never changes the output in place. Hold
+    ``OutputLock(final)`` around it."""
+    final = Path(final).resolve()
+    with staged_output(final, overwrite=True) as stage:
+        for item in final.iterdir():
+            if item.is_dir() and not item.is_symlink():
+                copy = _link_or_copy if item.name in linked else shutil.copy2
+                shutil.copytree(item, stage / item.name, symlinks=True, copy_function=copy)
+            else:
+                shutil.copy2(item, stage / item.name, follow_symlinks=False)
+        yield stage
+
+
 @contextlib.contextmanager
 def handle_sigterm() -> Iterator[None]:
     """While active, SIGTERM raises ``KeyboardInterrupt`` in the main thread, so staging cleanup runs
