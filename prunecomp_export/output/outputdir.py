@@ -238,12 +238,13 @@ def _link_or_copy(source: str, target: str) -> None:
 
 
 @contextlib.contextmanager
-def staged_update(final: Path, *, linked: Sequence[str] = ("checkpoint",)) -> Iterator[Path]:
+def staged_update(final: Path, *, linked: Sequence[str] = ("checkpoint", "targets")) -> Iterator[Path]:
     """Change an existing output as atomically as a run writes one: yield a staging copy of it,
     swapped in (``staged_output``) when the block succeeds, removed when it fails. The ``linked``
-    directories, which a change only reads, are hard-linked where the file system allows; the rest is
-    copied, so a file rewritten in the staging copy never changes the output in place. Hold
-    ``OutputLock(final)`` around it."""
+    directories (the checkpoint and the targets: GBs that a change reads, or replaces whole, never
+    rewrites in place) are hard-linked where the file system allows; the rest is copied, so a file
+    rewritten in the staging copy never changes the output in place. Hold ``OutputLock(final)``
+    around it."""
     final = Path(final).resolve()
     with staged_output(final, overwrite=True) as stage:
         for item in final.iterdir():
