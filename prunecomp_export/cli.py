@@ -1,4 +1,5 @@
-"""``prunecomp-export RECIPE.yaml``: a thin command line over ``pipeline.run``.
+"""``prunecomp-export RECIPE.yaml``: a thin command line over ``pipeline.run``; and the stage commands
+``verify``, ``export``, ``serve`` and ``bench``, which act on an existing output (``commands``).
 
 Exit codes: 0 done (and every sign-off threshold passed), 1 a sign-off threshold or a parity
 check failed, 2 bad input (recipe, model, missing runtime), 130 interrupted (Ctrl-C or SIGTERM).
@@ -7,7 +8,9 @@ Bad input ends with one line on stderr, ``prunecomp-export: error: <file or key 
 
 from __future__ import annotations
 
+import contextlib
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import click
@@ -16,8 +19,58 @@ from prunecomp_export.errors import PrunecompError
 from prunecomp_export.output.outputdir import WRITE_ERRNOS, handle_sigterm, write_error_message
 from prunecomp_export.registry import UnknownName
 
+CONTEXT = {"help_option_names": ["-h", "--help"]}
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+
+class _RecipeOrCommand(click.Group):
+    """``prunecomp-export RECIPE.yaml ...`` runs the pipeline, as it always has; a first argument that
+    names a command (``verify``, ``export``, ``serve``, ``bench``, ``run``) runs that command instead."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if args and args[0] not in self.commands and args[0] not in ("-h", "--help", "--version"):
+            args = ["run", *args]
+        return super().parse_args(ctx, args)
+
+
+@click.group(cls=_RecipeOrCommand, context_settings=CONTEXT)
+@click.version_option(package_name="prunecomp-export")
+def main() -> None:
+    """Prune whole decoder layers with Prune&Comp and export the smaller model.
+
+    \b
+    prunecomp-export RECIPE.yaml [OPTIONS]   prune, evaluate, save, export (same as `run`)
+    prunecomp-export COMMAND OUT [OPTIONS]   act on an existing output OUT
+    """
+
+
+class _Where:
+    """The output a command writes, once known: a write error names it."""
+
+    out: Path | None = None
+
+
+@contextlib.contextmanager
+def _one_line_errors(where: _Where) -> Iterator[None]:
+    """What the user can act on ends as one line on stderr and an exit code, never a traceback."""
+    try:
+        with handle_sigterm():
+            yield
+    except UnknownName as exc:
+        _fail(f"--target: {exc}", 2)
+    except PrunecompError as exc:
+        _fail(str(exc), exc.exit_code)
+    except FileExistsError as exc:
+        _fail(str(exc), 2)
+    except KeyboardInterrupt:
+        _fail("interrupted; nothing was written", 130)
+    except OSError as exc:
+        # a full disk, a read-only file system, a permission: one line; other OS errors keep their traceback
+        if exc.errno not in WRITE_ERRNOS:
+            raise
+        _fail(write_error_message(exc, where.out), 2)
+
+
+@main.command("run", context_settings=CONTEXT)
 # Not checked by click: load_recipe reports a missing, unreadable or directory recipe in one line.
 @click.argument("recipe", type=click.Path(readable=False))
 @click.option(
@@ -36,8 +89,7 @@ from prunecomp_export.registry import UnknownName
     "--serve", is_flag=True, help="After the run, serve the pruned model with vLLM's OpenAI server (Ctrl-C stops)."
 )
 @click.option("--bench", is_flag=True, help="Time dense and pruned models on each runtime (bench.json, report).")
-@click.version_option(package_name="prunecomp-export")
-def main(
+def run_command(
     recipe: str,
     targets: tuple[str, ...],
     output: str | None,
@@ -46,7 +98,7 @@ def main(
     serve: bool,
     bench: bool,
 ) -> None:
-    """Prune whole decoder layers with Prune&Comp and export the smaller model."""
+    """Prune whole decoder layers with Prune&Comp and export the smaller model (the default command)."""
     from rich.console import Console
 
     from prunecomp_export import pipeline
@@ -56,44 +108,115 @@ def main(
     from prunecomp_export.targets import TARGETS
 
     console = Console()
-    loaded = None
-    try:
-        with handle_sigterm():
-            names = list(dict.fromkeys(targets))
-            for name in names:
-                TARGETS.get(name)
-            # --output is a value, not YAML: `--output 2024` names the directory "2024"
-            values = [("output.dir", output)] if output is not None else []
-            loaded = load_recipe(recipe, [*overrides, *values])
-            if dry_run:
-                summary.print_dry_run(pipeline.dry_run(loaded, names, bench=bench), console)
-                return
-            # a terminal gets progress bars; a pipeline's log gets one plain, timestamped line per event
-            reporter = RichReporter() if sys.stderr.isatty() else Reporter()
-            result = pipeline.run(loaded, names, reporter, bench=bench)
-            summary.print_run(result, console)
-            if serve:
-                from prunecomp_export.targets import vllm
+    where = _Where()
+    with _one_line_errors(where):
+        names = list(dict.fromkeys(targets))
+        for name in names:
+            TARGETS.get(name)
+        # --output is a value, not YAML: `--output 2024` names the directory "2024"
+        values = [("output.dir", output)] if output is not None else []
+        loaded = load_recipe(recipe, [*overrides, *values])
+        where.out = Path(loaded.output.dir)
+        if dry_run:
+            summary.print_dry_run(pipeline.dry_run(loaded, names, bench=bench), console)
+            return
+        # a terminal gets progress bars; a pipeline's log gets one plain, timestamped line per event
+        reporter = RichReporter() if sys.stderr.isatty() else Reporter()
+        result = pipeline.run(loaded, names, reporter, bench=bench)
+        summary.print_run(result, console)
+        if serve:
+            from prunecomp_export.targets import vllm
 
-                options = vllm.Options.model_validate(loaded.targets.get("vllm", {}))
-                code = vllm.serve(result.output / "checkpoint", options)
-                if code not in (0, 130, -2):
-                    _fail(f"the vLLM server exited with code {code}", 1)
-            if not result.signoff_passed:
-                sys.exit(1)
-    except UnknownName as exc:
-        _fail(f"--target: {exc}", 2)
-    except PrunecompError as exc:
-        _fail(str(exc), exc.exit_code)
-    except FileExistsError as exc:
-        _fail(str(exc), 2)
-    except KeyboardInterrupt:
-        _fail("interrupted; nothing was written", 130)
-    except OSError as exc:
-        # a full disk, a read-only file system, a permission: one line; other OS errors keep their traceback
-        if exc.errno not in WRITE_ERRNOS:
-            raise
-        _fail(write_error_message(exc, Path(loaded.output.dir) if loaded else None), 2)
+            options = vllm.Options.model_validate(loaded.targets.get("vllm", {}))
+            code = vllm.serve(result.output / "checkpoint", options)
+            if code not in (0, 130, -2):
+                _fail(f"the vLLM server exited with code {code}", 1)
+        if not result.signoff_passed:
+            sys.exit(1)
+
+
+OUT = click.argument("out", metavar="OUT", type=click.Path(file_okay=True, readable=False))
+
+
+@main.command(context_settings=CONTEXT)
+@OUT
+@click.option("--device", help="Device of the reload check (default: the one the run used).")
+def verify(out: str, device: str | None) -> None:
+    """Check OUT against its manifest: every file's sha256, then the run's reload check repeated.
+
+    Exit 0 when all pass; 1 with one line per problem (missing, changed or unlisted file, reload)."""
+    from prunecomp_export.commands import verify_output
+
+    with _one_line_errors(_Where()):
+        result = verify_output(out, device)
+    for problem in result.problems:
+        click.echo(f"prunecomp-export: verify: {out}: {problem}", err=True)
+    if not result.passed:
+        sys.exit(1)
+    if result.reload is not None:
+        reload = f"reload check passed (max |logit diff| {result.reload['max_abs_logit_diff']:.3g})"
+    else:
+        reload = f"reload check skipped: {result.reload_skipped}"
+    click.echo(f"{out}: every file matches the manifest; {reload}")
+
+
+@main.command(context_settings=CONTEXT)
+@OUT
+@click.option("--target", "-t", "targets", multiple=True, required=True, help="onnx, vllm, tensorrt (repeatable).")
+def export(out: str, targets: tuple[str, ...]) -> None:
+    """Build deployment targets for the existing output OUT (options from its recorded recipe)."""
+    from prunecomp_export.commands import export_targets
+    from prunecomp_export.progress import Reporter, RichReporter
+    from prunecomp_export.targets import TARGETS
+
+    where = _Where()
+    with _one_line_errors(where):
+        names = list(dict.fromkeys(targets))
+        for name in names:
+            TARGETS.get(name)
+        where.out = Path(out)
+        reporter = RichReporter() if sys.stderr.isatty() else Reporter()
+        records = export_targets(out, names, reporter.log)
+    built = ", ".join(f"targets/{name}" for name in records) or "nothing to build (hf is the checkpoint)"
+    click.echo(f"{out}: {built}")
+
+
+@main.command(context_settings=CONTEXT)
+@OUT
+@click.option("--host", help="Bind address (default: targets.vllm.host of the recorded recipe, 127.0.0.1).")
+@click.option("--port", type=click.IntRange(0, 65535), help="Port (default: targets.vllm.port; 0: a free one).")
+def serve(out: str, host: str | None, port: int | None) -> None:
+    """Serve OUT's checkpoint with vLLM's OpenAI-compatible server (Ctrl-C stops it)."""
+    from prunecomp_export.commands import serve_output
+
+    with _one_line_errors(_Where()):
+        code = serve_output(out, host, port)
+    if code not in (0, 130, -2):
+        _fail(f"the vLLM server exited with code {code}", 1)
+
+
+@main.command(context_settings=CONTEXT)
+@OUT
+def bench(out: str) -> None:
+    """Time OUT's checkpoint against its source model (the recorded recipe's bench section).
+
+    Writes bench.json and the figures into results.json and the reports; exit 1 when a sign-off
+    threshold fails."""
+    from prunecomp_export.commands import bench_output
+    from prunecomp_export.progress import Reporter, RichReporter
+
+    where = _Where()
+    with _one_line_errors(where):
+        where.out = Path(out)
+        reporter = RichReporter() if sys.stderr.isatty() else Reporter()
+        results = bench_output(out, reporter)
+    removed = results.model.layers_removed
+    for row in results.bench["rows"]:
+        if row["layers_removed"] == removed:
+            click.echo(f"{row['runtime']} {row['scenario']}: {row['median_ms']:.2f} ms, speedup {row['speedup']:.2f}x")
+    click.echo(f"wrote {Path(out) / 'bench.json'}")
+    if not results.signoff.passed:
+        sys.exit(1)
 
 
 def _fail(message: str, code: int) -> None:

@@ -34,3 +34,7 @@ class ValidationFailed(PrunecompError):
     """A produced artifact does not compute what the pruned model computes (parity check failed)."""
 
     exit_code = 1
+
+
+class NotAnOutput(PrunecompError):
+    """A path given to a stage command (verify, export, serve, bench) is not an output of this tool."""

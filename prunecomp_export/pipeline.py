@@ -22,17 +22,15 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from pydantic import ValidationError
-
 from prunecomp_export.adapters import Adapter, adapter_for
-from prunecomp_export.bench.timing import benchmark, runtimes_for, speedups_at
+from prunecomp_export.bench.timing import benchmark, onnx_exporter, require_runtimes, runtimes_for, speedups_at
 from prunecomp_export.costs import CostMeter, StageCost
 from prunecomp_export.engine.execution import Placement, check_cache_dir, plan_placement, resolve_device
 from prunecomp_export.engine.layerwise import trim_host_memory
 from prunecomp_export.engine.loop import Plan, Trajectory, make_plan, prune
-from prunecomp_export.errors import RecipeError
 from prunecomp_export.evaluation.evaluator import DenseCache, Evaluator, Measurement
-from prunecomp_export.output.checkpoint import sha256_tree, verify_in_child
+from prunecomp_export.output.checkpoint import ReloadCheck, dtype_name, write_verification_sample
+from prunecomp_export.output.manifest import write_manifest
 from prunecomp_export.output.outputdir import OutputLock, check_output_dir, staged_output
 from prunecomp_export.progress import Reporter
 from prunecomp_export.recipe import Recipe, dump_recipe
@@ -57,9 +55,8 @@ from prunecomp_export.source.loading import (
     resolve_source,
     source_identity,
 )
-from prunecomp_export.targets import load_target
+from prunecomp_export.targets import build_targets, validated_options
 
-MANIFEST = "prunecomp_manifest.json"
 PACKAGES = ("prunecomp-export", "torch", "transformers", "safetensors", "tokenizers", "gguf", "numpy")
 
 
@@ -138,35 +135,12 @@ def preflight(recipe: Recipe, targets: list[str], bench: bool = False) -> Checke
     if recipe.evaluation.perplexity is not None:
         for index, name in enumerate(recipe.evaluation.perplexity.corpora):
             corpus.check_corpus(name, key=f"evaluation.perplexity.corpora.{index}")
-    options = {}
-    for name in targets:
-        module = load_target(name)
-        try:
-            options[name] = module.Options.model_validate(recipe.targets.get(name, {}))
-        except ValidationError as exc:
-            err = exc.errors()[0]
-            key = ".".join(["targets", name, *map(str, err["loc"])])
-            raise RecipeError(err["msg"], key=key) from None
-        if (check := getattr(module, "preflight", None)) is not None:
-            check(options[name])
+    options = {name: validated_options(name, recipe.targets.get(name, {})) for name in targets}
     runtimes = runtimes_for(recipe.bench, targets) if bench else []
-    _check_bench_runtimes(runtimes)
+    require_runtimes(runtimes)
     resolve_device(recipe.execution)
     check_cache_dir(recipe.execution)
     return Checked(recipe, source, config, adapter, tied, plan, options, runtimes, output)
-
-
-def _check_bench_runtimes(runtimes: list[str]) -> None:
-    """A bench runtime that is not installed is found before any weight is read."""
-    if "onnxruntime" in runtimes:
-        from prunecomp_export.targets.onnx import require_exporter, require_onnx_runtime
-
-        require_exporter()
-        require_onnx_runtime()
-    if "vllm" in runtimes:
-        from prunecomp_export.targets.vllm import require_vllm, resolve_python
-
-        require_vllm(resolve_python())
 
 
 def dry_run(recipe: Recipe, targets: list[str], bench: bool = False) -> DryRunResult:
@@ -201,7 +175,7 @@ def run(recipe: Recipe, targets: list[str], reporter: Reporter | None = None, be
                 bench_results = _bench(checked, loaded, trajectory, checkpoint, stage, reporter)
                 (stage / "bench.json").write_text(json.dumps(bench_results, indent=2) + "\n")
         with meter.stage("report"):
-            (stage / "recipe.resolved.yaml").write_text(dump_recipe(recipe))
+            (stage / "recipe.resolved.yaml").write_text(dump_recipe(recorded_recipe(recipe)))
             (stage / "trajectory.json").write_text(json.dumps(trajectory.to_json(), indent=2) + "\n")
             results = _results(checked, loaded, trajectory, measurements, bench_results, meter)
             write_reports(results, stage)
@@ -279,7 +253,9 @@ def _prune(checked: Checked, loaded: Loaded, reporter: Reporter, cost) -> Trajec
 
 def _save(checked: Checked, loaded: Loaded, trajectory: Trajectory, stage: Path, reporter, cost):
     """The final variant written by tensor surgery from the source files, then reloaded with
-    transformers in a child process and compared with what the engine computes for it."""
+    transformers in a child process and compared with what the engine computes for it. The sample
+    and the expected logits stay in the output (``verification.safetensors``) and how the check ran
+    in the manifest, so ``prunecomp-export verify`` can repeat it without the source."""
     recipe, variants = checked.recipe, loaded.variants
     final = variants.prunecomp(trajectory, checked.plan.num_drop)
     checkpoint = stage / "checkpoint"
@@ -287,12 +263,10 @@ def _save(checked: Checked, loaded: Loaded, trajectory: Trajectory, stage: Path,
     variants.write(final, checkpoint, recipe.output.max_shard_size)
     if not recipe.output.verify:
         return checkpoint, None
-    expected = variants.logits(final, loaded.sample)
-    verification, cost.child_peak_rss_bytes = verify_in_child(
-        checkpoint, loaded.sample, expected, dtype=variants.model.dtype,
-        attn_implementation=recipe.model.attn_implementation, device=str(variants.model.device),
-    )  # fmt: skip
-    return checkpoint, verification
+    check = ReloadCheck(dtype_name(variants.model.dtype), recipe.model.attn_implementation, str(variants.model.device))
+    write_verification_sample(stage / check.sample_file, loaded.sample, variants.logits(final, loaded.sample))
+    verification, cost.child_peak_rss_bytes = check.run(stage)
+    return checkpoint, {**verification, "check": check.to_json()}
 
 
 def _trajectory_points(recipe: Recipe, plan: Plan) -> list[int]:
@@ -333,25 +307,11 @@ def _evaluate(checked: Checked, loaded: Loaded, trajectory: Trajectory, reporter
 
 def _targets(checked: Checked, checkpoint: Path, stage: Path, reporter: Reporter, cost) -> dict[str, dict]:
     """Each target built from the written checkpoint in a child process of its own."""
-    from prunecomp_export.child import run_in_child
-
-    records = {}
-    peaks = []
-    for name, options in checked.target_options.items():
-        if name == "hf":
-            continue
-        reporter.log(f"stage targets: {name}")
-        out_dir = stage / "targets" / name
-        out_dir.mkdir(parents=True)
-        child = run_in_child(
-            "prunecomp_export.targets:build_target",
-            {"name": name, "checkpoint": str(checkpoint), "out_dir": str(out_dir), "options": options.model_dump()},
-        )
-        records[name] = child.value
-        peaks.append(child.peak_rss_bytes)
-        cost.notes[f"{name}_child_peak_rss_bytes"] = child.peak_rss_bytes
-    cost.child_peak_rss_bytes = max(peaks, default=None)
-    return records
+    builds = build_targets(checked.target_options, checkpoint, stage, reporter.log)
+    for name, peak in builds.peak_rss_bytes.items():
+        cost.notes[f"{name}_child_peak_rss_bytes"] = peak
+    cost.child_peak_rss_bytes = max(builds.peak_rss_bytes.values(), default=None)
+    return builds.records
 
 
 def _bench(checked: Checked, loaded: Loaded, trajectory: Trajectory, checkpoint: Path, stage: Path, reporter) -> dict:
@@ -362,18 +322,7 @@ def _bench(checked: Checked, loaded: Loaded, trajectory: Trajectory, checkpoint:
     recipe, plan, variants = checked.recipe, checked.plan, loaded.variants
     wanted = recipe.bench.points
     points = sorted({k for k in (range(1, plan.num_drop + 1) if wanted == "all" else wanted) if k <= plan.num_drop})
-    scratch = variants.scratch / "bench"
-    existing_onnx = stage / "targets" / "onnx"
-
-    def onnx_export(directory: Path) -> Path:
-        from prunecomp_export.targets.onnx import ONNX_FILE, export_onnx
-
-        if directory == checkpoint and (existing_onnx / ONNX_FILE).is_file():
-            return existing_onnx / ONNX_FILE
-        out = scratch / "onnx" / f"{directory.name}"
-        export_onnx(directory, out)
-        return out / ONNX_FILE
-
+    onnx_export = onnx_exporter(variants.scratch / "bench", {checkpoint: stage / "targets" / "onnx"})
     with ExitStack() as stack:
         checkpoints = {0: stack.enter_context(variants.materialised(variants.dense)), plan.num_drop: checkpoint}
         for k in points:
@@ -400,7 +349,7 @@ def _results(checked: Checked, loaded: Loaded, trajectory: Trajectory, rows, ben
             layers_after=plan.num_layers - final,
             layers_removed=final,
         ),
-        recipe=recipe.model_dump(mode="json"),
+        recipe=recorded_recipe(recipe).model_dump(mode="json"),
         seeds={"calibration": recipe.calibration.seed},
         trajectory=TrajectoryInfo.model_validate(trajectory.to_json()),
         protocol=loaded.evaluator.protocol(),
@@ -423,12 +372,18 @@ def _results(checked: Checked, loaded: Loaded, trajectory: Trajectory, rows, ben
     )
 
 
+def recorded_recipe(recipe: Recipe) -> Recipe:
+    """The recipe as the output records it: ``output.dir`` is ``.``, the output itself. Every path
+    inside an output is relative to it: the output is written in a staging directory and renamed,
+    and may be moved or copied to another machine after."""
+    return recipe.model_copy(update={"output": recipe.output.model_copy(update={"dir": "."})})
+
+
 def _write_manifest(stage: Path, checked: Checked, identity, trajectory, verification, targets, results) -> None:
     plan = checked.plan
     manifest = {
-        "schema": "prunecomp-manifest/1",
         "source_model": identity,
-        "recipe": checked.recipe.model_dump(mode="json"),
+        "recipe": recorded_recipe(checked.recipe).model_dump(mode="json"),
         "model_type": checked.config.model_type,
         "layers_before": plan.num_layers,
         "layers_after": plan.num_layers - plan.num_drop,
@@ -439,9 +394,8 @@ def _write_manifest(stage: Path, checked: Checked, identity, trajectory, verific
         "targets": targets,
         "packages": results.packages,
         "machine": results.machine,
-        "files": sha256_tree(stage),
     }
-    (stage / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    write_manifest(stage, manifest)
 
 
 def _machine() -> dict:

@@ -171,3 +171,14 @@ def variants_of(model, directory, plan, *, resident: bool = True):
         plan,
         Path(directory) / ".scratch",
     )
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    """A tiny random Llama checkpoint on disk (config + safetensors + tokenizer), 6 layers."""
+    from tests.test_checkpoint import tiny_tokenizer
+
+    directory = tmp_path_factory.mktemp("tiny")
+    make_model("llama").save_pretrained(directory)
+    tiny_tokenizer().save_pretrained(directory)
+    return directory

@@ -11,7 +11,7 @@ import pytest
 
 from prunecomp_export.bench.timing import ideal_speedup, run_worker, speedups_at, stats, summarise
 from prunecomp_export.recipe import BenchSpec, Scenario
-from tests.test_recipe_errors import GOOD, tiny_dir, write  # noqa: F401  (fixture)
+from tests.test_recipe_errors import GOOD, write
 
 
 def test_stats_by_hand():
@@ -167,7 +167,7 @@ def test_worker_reports_the_cpu_other_processes_used_meanwhile(tmp_path):
 
 
 @pytest.mark.parametrize("points", ["all", "[]"])
-def test_pipeline_bench_times_the_dense_model_beside_the_evaluated_baseline(points, tmp_path, tiny_dir):  # noqa: F811
+def test_pipeline_bench_times_the_dense_model_beside_the_evaluated_baseline(points, tmp_path, tiny_dir):
     """With perplexity and the one-shot baseline evaluated, the bench's dense checkpoint must still be
     dense: the final baseline once pruned the kept dense model in place (speedups came out ~1)."""
     from click.testing import CliRunner

@@ -404,3 +404,56 @@ def test_write_error_message(tmp_path):
     assert write_error_message(staged, out) == f"cannot write {staged.filename}: Permission denied"
     elsewhere = OSError(errno.EACCES, "Permission denied", "/model/config.json")
     assert write_error_message(elsewhere, out) == "/model/config.json: Permission denied"
+
+
+# --- a full disk while the checkpoint is written -----------------------------------------------------
+
+
+def _safetensors_full(path: Path) -> Exception:
+    from safetensors import SafetensorError
+
+    return SafetensorError(
+        f'Error while serializing: I/O error: No space left on device (os error 28) at path "{path}"'
+    )
+
+
+@pytest.mark.parametrize("error", ["safetensors", "oserror"])
+def test_a_full_disk_while_writing_the_checkpoint_is_one_line_and_leaves_nothing(
+    tmp_path, tiny_dir, monkeypatch, error
+):
+    from click.testing import CliRunner
+
+    from prunecomp_export.cli import main
+    from prunecomp_export.output.safetensors_stream import SafetensorsWriter
+    from tests.test_recipe_errors import GOOD, write
+
+    def full(self, name, chunks):
+        raise (
+            _safetensors_full(self.path) if error == "safetensors" else OSError(errno.ENOSPC, "No space left on device")
+        )
+
+    monkeypatch.setattr(SafetensorsWriter, "write_chunks", full)
+    result = CliRunner().invoke(main, [str(write(tmp_path, GOOD, tiny_dir))])
+    assert isinstance(result.exception, SystemExit), result.exc_info
+    assert result.exit_code == 2
+    out = (tmp_path / "out").resolve()
+    assert "Traceback" not in result.output
+    errors = [line for line in result.stderr.splitlines() if "error" in line.lower()]  # not the progress log
+    assert errors == [f"prunecomp-export: error: cannot write {out}: No space left on device"], result.stderr
+    assert not out.exists() and leftovers(out) == []
+
+
+def test_safetensors_os_errors_become_os_errors(tmp_path):
+    from safetensors import SafetensorError
+
+    from prunecomp_export.output.outputdir import safetensors_write_errors
+
+    with pytest.raises(OSError) as full, safetensors_write_errors(tmp_path / "a"):
+        raise _safetensors_full(tmp_path / "tmp")
+    assert full.value.errno == errno.ENOSPC and full.value.filename is None  # the disk is full, not a file
+    denied = 'Error while serializing: I/O error: Permission denied (os error 13) at path "/x/.tmpA"'
+    with pytest.raises(OSError) as info, safetensors_write_errors(tmp_path / "a"):
+        raise SafetensorError(denied)
+    assert info.value.errno == errno.EACCES and info.value.filename == "/x/.tmpA"
+    with pytest.raises(SafetensorError), safetensors_write_errors(tmp_path / "a"):
+        raise SafetensorError("Error while deserializing header: HeaderTooLarge")  # no OS error: kept

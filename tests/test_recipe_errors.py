@@ -30,18 +30,6 @@ output:
 """
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory) -> Path:
-    """A tiny random Llama checkpoint on disk (config + safetensors + tokenizer), 6 layers."""
-    from tests.conftest import make_model
-    from tests.test_checkpoint import tiny_tokenizer
-
-    directory = tmp_path_factory.mktemp("tiny")
-    make_model("llama").save_pretrained(directory)
-    tiny_tokenizer().save_pretrained(directory)
-    return directory
-
-
 def write(tmp_path: Path, text: str, tiny_dir: Path) -> Path:
     corpus = tmp_path / "corpus.txt"
     corpus.write_text(" ".join(f"t{i % 100 + 3}" for i in range(400)))
@@ -345,6 +333,7 @@ def test_full_run_on_a_tiny_model_writes_a_complete_output(tmp_path, tiny_dir):
         "report.md",
         "results.json",
         "trajectory.json",
+        "verification.safetensors",
     ]
     manifest = json.loads((out / "prunecomp_manifest.json").read_text())
     assert manifest["layers_after"] == 4

@@ -14,7 +14,7 @@ from prunecomp_export.recipe import SignoffSpec
 from prunecomp_export.report.render import accuracy_curve, perplexity_curve
 from prunecomp_export.report.results import SCHEMA, SCHEMA_FILE, RunResults, schema_text
 from prunecomp_export.report.signoff import accuracy_kept, evaluate_signoff, perplexity_ratios
-from tests.test_recipe_errors import GOOD, tiny_dir, write  # noqa: F401  (fixture)
+from tests.test_recipe_errors import GOOD, write
 
 ROWS = [
     Measurement("dense", 0, "accuracy", "a", 0.80),
@@ -72,13 +72,13 @@ def test_speedup_threshold_uses_the_slowest_runtime():
     assert not result.passed and result.checks[0].value == 1.15
 
 
-def _run(tmp_path, tiny_dir, signoff: str):  # noqa: F811
+def _run(tmp_path, tiny_dir, signoff: str):
     recipe = GOOD + "evaluation:\n  perplexity:\n    corpora: [{text}]\n    seq_len: 16\n  trajectory: all\n" + signoff
     path = write(tmp_path, recipe, tiny_dir)
     return CliRunner().invoke(main, [str(path)])
 
 
-def test_cli_exits_0_when_signoff_passes_and_reports_parse(tmp_path, tiny_dir):  # noqa: F811
+def test_cli_exits_0_when_signoff_passes_and_reports_parse(tmp_path, tiny_dir):
     result = _run(tmp_path, tiny_dir, "signoff:\n  max_perplexity_ratio: 1000\n")
     assert result.exit_code == 0, result.output
     out = tmp_path / "out"
@@ -104,7 +104,7 @@ def test_cli_exits_0_when_signoff_passes_and_reports_parse(tmp_path, tiny_dir): 
     assert "<table id='cost'>" in page and "<p id='execution'>" in page
 
 
-def test_cli_exits_1_when_a_threshold_fails_and_still_writes_the_report(tmp_path, tiny_dir):  # noqa: F811
+def test_cli_exits_1_when_a_threshold_fails_and_still_writes_the_report(tmp_path, tiny_dir):
     result = _run(tmp_path, tiny_dir, "signoff:\n  max_perplexity_ratio: 1.0e-6\n  min_accuracy_kept: 50\n")
     assert result.exit_code == 1, result.output
     results = json.loads((tmp_path / "out" / "results.json").read_text())
@@ -114,7 +114,7 @@ def test_cli_exits_1_when_a_threshold_fails_and_still_writes_the_report(tmp_path
     assert "**FAIL**" in (tmp_path / "out" / "report.md").read_text()
 
 
-def test_bad_signoff_key_is_a_recipe_error(tmp_path, tiny_dir):  # noqa: F811
+def test_bad_signoff_key_is_a_recipe_error(tmp_path, tiny_dir):
     result = _run(tmp_path, tiny_dir, "signoff:\n  min_acuracy_kept: 90\n")
     assert result.exit_code == 2
     assert "signoff.min_acuracy_kept: unknown key (did you mean 'min_accuracy_kept'?)" in result.output

@@ -14,7 +14,6 @@ import subprocess
 
 import pytest
 
-from tests.test_recipe_errors import tiny_dir  # noqa: F401  (fixture)
 from tests.test_report import _run
 
 BROWSER = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -49,7 +48,7 @@ def chromium(*args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture
-def report_html(tmp_path, tiny_dir):  # noqa: F811
+def report_html(tmp_path, tiny_dir):
     result = _run(tmp_path, tiny_dir, "")
     assert result.exit_code == 0, result.output
     return tmp_path / "out" / "report.html"

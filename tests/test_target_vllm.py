@@ -183,9 +183,11 @@ def test_serve_script_runs_exactly_the_server_command(tmp_path):
     """serve.sh, run with a stand-in interpreter that prints its arguments, one per line."""
     echo = _script(tmp_path / "echo-python", '#!/bin/sh\nfor a in "$@"; do echo "$a"; done\n')
     checkpoint = tmp_path / "my model's dir"
+    checkpoint.mkdir()
     options = target.Options(max_model_len=512, env={"VLLM_CPU_OMP_THREADS_BIND": "0-1"})
     script = tmp_path / "serve.sh"
-    _script(script, target.serve_script(checkpoint, options, python=echo))
+    _script(script, target.serve_script(checkpoint, options, python=echo, directory=tmp_path))
+    assert str(checkpoint) not in script.read_text()  # the model is found from the script's own place
     assert subprocess.run(["sh", "-n", str(script)], check=False).returncode == 0
 
     env = {"PATH": os.environ["PATH"]}
@@ -203,7 +205,7 @@ def test_serve_script_exports_vllm_environment(tmp_path):
     printenv = _script(tmp_path / "env-python", "#!/bin/sh\nenv\n")
     script = tmp_path / "serve.sh"
     options = target.Options(env={"VLLM_CPU_OMP_THREADS_BIND": "0-1"})
-    _script(script, target.serve_script(tmp_path, options, python=printenv))
+    _script(script, target.serve_script(tmp_path, options, python=printenv, directory=tmp_path))
     clean_env = {"PATH": os.environ["PATH"]}
     done = subprocess.run([str(script)], env=clean_env, capture_output=True, text=True, timeout=30)
     env = dict(line.split("=", 1) for line in done.stdout.splitlines() if "=" in line)

@@ -21,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from prunecomp_export.errors import TargetUnavailable, ValidationFailed
@@ -55,6 +56,37 @@ def runtimes_for(spec: BenchSpec, targets: list[str]) -> list[str]:
     if "tensorrt" in targets:
         raise TargetUnavailable("benchmarking TensorRT is not supported here: no TensorRT on this machine")
     return ["torch", *(TARGET_RUNTIMES[t] for t in targets if t in TARGET_RUNTIMES)]
+
+
+def require_runtimes(runtimes: list[str]) -> None:
+    """A bench runtime that is not installed is found before any weight is read."""
+    if "onnxruntime" in runtimes:
+        from prunecomp_export.targets.onnx import require_exporter, require_onnx_runtime
+
+        require_exporter()
+        require_onnx_runtime()
+    if "vllm" in runtimes:
+        from prunecomp_export.targets.vllm import require_vllm, resolve_python
+
+        require_vllm(resolve_python())
+
+
+def onnx_exporter(scratch: Path, exported: dict[Path, Path]) -> Callable[[Path], Path]:
+    """``benchmark``'s ``onnx_export``: a checkpoint's ONNX file, reusing the onnx target's export
+    where ``exported`` maps the checkpoint to one (its ``targets/onnx``), else exporting into
+    ``scratch`` (the caller removes it)."""
+
+    def onnx_export(directory: Path) -> Path:
+        from prunecomp_export.targets.onnx import ONNX_FILE, export_onnx
+
+        existing = exported.get(directory)
+        if existing is not None and (existing / ONNX_FILE).is_file():
+            return existing / ONNX_FILE
+        out = scratch / "onnx" / directory.name
+        export_onnx(directory, out)
+        return out / ONNX_FILE
+
+    return onnx_export
 
 
 def _machine_busy_seconds() -> float:
@@ -165,7 +197,7 @@ def benchmark(
 
             python = vllm_target.resolve_python()
             vllm_target.require_vllm(python)
-            path_root = vllm_target._package_root_for_child()
+            path_root = vllm_target.package_root_for_child()
         raw[runtime] = {}
         # Rounds alternate the order (dense..pruned, then pruned..dense), so a machine that slows
         # down or speeds up over the run weighs on every point alike.

@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from prunecomp_export.errors import ValidationFailed
+from prunecomp_export.output.outputdir import safetensors_write_errors
+
+#: the reload check's sample and expected logits, kept at the top of the output
+VERIFICATION_FILE = "verification.safetensors"
 
 
 def save_checkpoint(model: nn.Module, tokenizer, directory: Path, max_shard_size: str = "5GB") -> None:
@@ -113,25 +118,46 @@ def _cached_decode_diff(model, tokens: torch.Tensor, prompt_len: int) -> float:
     return (cached - full[:, prompt_len - 1 : tokens.shape[1] - 1]).abs().max().item()
 
 
-def verify_in_child(directory: Path, sample: torch.Tensor, expected_logits: torch.Tensor, *, dtype: torch.dtype,
-                    attn_implementation: str | None, device: str) -> tuple[dict, int]:  # fmt: skip
-    """``verify_reload`` in a fresh process (its peak memory is the reloaded model's, not the CLI's);
-    returns the record and the child's peak RSS."""
-    import tempfile
-
+def write_verification_sample(path: Path, sample: torch.Tensor, expected_logits: torch.Tensor) -> None:
+    """The reload check's input and the logits the checkpoint must give, in one small safetensors file:
+    kept in the output (``VERIFICATION_FILE``), ``prunecomp-export verify`` repeats the check later
+    without the source model."""
     from safetensors.torch import save_file
 
-    from prunecomp_export.child import run_in_child
+    with safetensors_write_errors(path):
+        save_file({"sample": sample.contiguous(), "expected": expected_logits.contiguous()}, path)
 
-    with tempfile.TemporaryDirectory(prefix="prunecomp-verify-") as scratch:
-        tensors = Path(scratch) / "sample.safetensors"
-        save_file({"sample": sample.contiguous(), "expected": expected_logits.contiguous()}, tensors)
+
+@dataclass(frozen=True)
+class ReloadCheck:
+    """How the reload check ran: recorded in the manifest beside its result, so that
+    ``prunecomp-export verify`` repeats exactly that check on the output later."""
+
+    dtype: str  # e.g. "bfloat16"
+    attn_implementation: str | None
+    device: str
+    #: the ``write_verification_sample`` file, relative to the output
+    sample_file: str = VERIFICATION_FILE
+
+    def run(self, output: Path, device: str | None = None) -> tuple[dict, int]:
+        """``verify_reload`` of ``output/checkpoint`` against ``output/<sample_file>`` in a fresh process
+        (its peak memory is the reloaded model's, not the CLI's); the record and the child's peak RSS."""
+        from prunecomp_export.child import run_in_child
+
         child = run_in_child(
             "prunecomp_export.output.checkpoint:verify_from_file",
-            {"directory": str(directory), "tensors": str(tensors), "dtype": str(dtype).removeprefix("torch."),
-             "attn_implementation": attn_implementation, "device": device},
+            {"directory": str(output / "checkpoint"), "tensors": str(output / self.sample_file),
+             "dtype": self.dtype, "attn_implementation": self.attn_implementation, "device": device or self.device},
         )  # fmt: skip
-    return child.value, child.peak_rss_bytes
+        return child.value, child.peak_rss_bytes
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.bfloat16`` -> ``"bfloat16"`` (as ``verify_from_file`` and the manifest take it)."""
+    return str(dtype).removeprefix("torch.")
 
 
 def verify_from_file(directory: str, tensors: str, dtype: str, attn_implementation: str | None, device: str) -> dict:

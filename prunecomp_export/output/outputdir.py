@@ -36,6 +36,7 @@ from prunecomp_export.errors import RecipeError
 MANIFEST = "prunecomp_manifest.json"
 #: OSErrors that mean "the output cannot be written": reported in one line, not a traceback
 WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES})
+DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 
 _AT_FDCWD = -100
 _RENAME_EXCHANGE = 2
@@ -228,6 +229,33 @@ def staged_output(final: Path, *, overwrite: bool) -> Iterator[Path]:
         raise
 
 
+def _link_or_copy(source: str, target: str) -> None:
+    """A hard link (no copy of a multi-GB shard), or a copy where the file system has none."""
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
+
+
+@contextlib.contextmanager
+def staged_update(final: Path, *, linked: Sequence[str] = ("checkpoint", "targets")) -> Iterator[Path]:
+    """Change an existing output as atomically as a run writes one: yield a staging copy of it,
+    swapped in (``staged_output``) when the block succeeds, removed when it fails. The ``linked``
+    directories (the checkpoint and the targets: GBs that a change reads, or replaces whole, never
+    rewrites in place) are hard-linked where the file system allows; the rest is copied, so a file
+    rewritten in the staging copy never changes the output in place. Hold ``OutputLock(final)``
+    around it."""
+    final = Path(final).resolve()
+    with staged_output(final, overwrite=True) as stage:
+        for item in final.iterdir():
+            if item.is_dir() and not item.is_symlink():
+                copy = _link_or_copy if item.name in linked else shutil.copy2
+                shutil.copytree(item, stage / item.name, symlinks=True, copy_function=copy)
+            else:
+                shutil.copy2(item, stage / item.name, follow_symlinks=False)
+        yield stage
+
+
 @contextlib.contextmanager
 def handle_sigterm() -> Iterator[None]:
     """While active, SIGTERM raises ``KeyboardInterrupt`` in the main thread, so staging cleanup runs
@@ -253,6 +281,38 @@ def is_output_path(path: str | os.PathLike[str], out: Path) -> bool:
         if part == final or (part.parent == final.parent and part.name.startswith(f".{final.name}.")):
             return True
     return False
+
+
+_SAFETENSORS_OS_ERROR = re.compile(r'(?P<reason>[^:]+) \(os error (?P<code>\d+)\)(?: at path "(?P<path>[^"]*)")?')
+
+
+def os_error_of_safetensors(exc: Exception, path: Path) -> OSError | None:
+    """The OSError inside a safetensors ``SafetensorError`` (its Rust writer reports a full disk as
+    text: ``Error while serializing: I/O error: No space left on device (os error 28) at path ...``),
+    or None when it reports no OS error. A full disk names no file, like Python's own writes (the
+    file is a temporary one; the output is what cannot be written); other errors name the file the
+    text names, else ``path``."""
+    match = _SAFETENSORS_OS_ERROR.search(str(exc))
+    if match is None:
+        return None
+    code = int(match["code"])
+    if code in DISK_FULL_ERRNOS:
+        return OSError(code, os.strerror(code))
+    return OSError(code, os.strerror(code), match["path"] or str(path))
+
+
+@contextlib.contextmanager
+def safetensors_write_errors(path: Path) -> Iterator[None]:
+    """Writes by safetensors inside the block fail as the ``OSError`` they are, so a full disk ends as
+    the same one line (``write_error_message``) as any other write to the output, not a traceback."""
+    try:
+        yield
+    except Exception as exc:
+        from safetensors import SafetensorError
+
+        if not isinstance(exc, SafetensorError) or (error := os_error_of_safetensors(exc, path)) is None:
+            raise
+        raise error from exc
 
 
 def write_error_message(exc: OSError, out: Path | None) -> str:

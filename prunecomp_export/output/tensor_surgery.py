@@ -27,6 +27,7 @@ from prunecomp_export.adapters.base import LayerTensorError, scaled
 from prunecomp_export.engine.variant import Variant
 from prunecomp_export.errors import ModelError
 from prunecomp_export.output.checkpoint import compatible_config
+from prunecomp_export.output.outputdir import safetensors_write_errors
 from prunecomp_export.output.safetensors_stream import DTYPES, Entry, SafetensorsWriter
 from prunecomp_export.recipe import parse_size
 from prunecomp_export.source.weights import INDEX, SINGLE, SafetensorsCheckpoint
@@ -89,7 +90,7 @@ def write_variant_checkpoint(
         for number, shard in enumerate(shards):
             partial = out_dir / f".shard-{tag}-{number:05d}.tmp"
             written.append(partial)
-            with SafetensorsWriter(partial, [item.entry for item in shard]) as out:
+            with safetensors_write_errors(partial), SafetensorsWriter(partial, [i.entry for i in shard]) as out:
                 for item in shard:
                     out.write(item.entry.name, item.produce(source, adapter, variant))
         files = [path.replace(out_dir / name) for path, name in zip(written, names, strict=True)]

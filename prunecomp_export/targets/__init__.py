@@ -8,7 +8,10 @@ A target module provides:
 - ``build(checkpoint: Path, out_dir: Path, options: Options) -> dict``: takes the pruned plain
   HF checkpoint, writes everything into ``out_dir`` (a fresh temporary directory that the caller
   renames to ``<output>/targets/<name>`` on success), proves the artifact computes what the
-  checkpoint computes, and returns a JSON-serialisable record for the manifest. It raises
+  checkpoint computes, and returns a JSON-serialisable record for the manifest. No absolute path
+  of the output goes into what it writes (the output is staged, then renamed, and may be moved):
+  files in ``out_dir`` refer to the checkpoint relative to themselves, and the record's paths are
+  relative to the output directory (``out_dir`` is ``<output>/targets/<name>``). It raises
   ``TargetUnavailable`` when its runtime or hardware is missing and ``ValidationFailed`` when a
   parity check fails.
 """
@@ -16,7 +19,11 @@ A target module provides:
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 from prunecomp_export.registry import Registry
 
@@ -34,7 +41,55 @@ def load_target(name: str) -> ModuleType:
 
 def build_target(name: str, checkpoint: str, out_dir: str, options: dict) -> dict:
     """Build one target from its validated options (the entry point of the target's child process)."""
-    from pathlib import Path
-
     module = load_target(name)
     return module.build(Path(checkpoint), Path(out_dir), module.Options.model_validate(options))
+
+
+def validated_options(name: str, raw: dict) -> Any:
+    """A target's ``Options`` from its recipe section, then its ``preflight`` (runtime installed,
+    hardware present): everything that can fail before any weight is read. Raises ``RecipeError``
+    naming the key path, or ``TargetUnavailable``."""
+    from pydantic import ValidationError
+
+    from prunecomp_export.errors import RecipeError
+
+    module = load_target(name)
+    try:
+        options = module.Options.model_validate(raw)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        key = ".".join(["targets", name, *map(str, err["loc"])])
+        raise RecipeError(err["msg"], key=key) from None
+    if (check := getattr(module, "preflight", None)) is not None:
+        check(options)
+    return options
+
+
+@dataclass
+class TargetBuilds:
+    """What building targets gave: each target's record (for the manifest) and its child's peak RSS."""
+
+    records: dict[str, dict] = field(default_factory=dict)
+    peak_rss_bytes: dict[str, int] = field(default_factory=dict)
+
+
+def build_targets(options: dict[str, Any], checkpoint: Path, output: Path, log: Callable[[str], None]) -> TargetBuilds:
+    """Build each target but ``hf`` (the checkpoint itself) from ``checkpoint`` into
+    ``output/targets/<name>`` (which must not exist), each in a child process of its own: the
+    pipeline's targets stage and ``prunecomp-export export`` alike."""
+    from prunecomp_export.child import run_in_child
+
+    builds = TargetBuilds()
+    for name, chosen in options.items():
+        if name == "hf":
+            continue
+        log(f"stage targets: {name}")
+        out_dir = output / "targets" / name
+        out_dir.mkdir(parents=True)
+        child = run_in_child(
+            "prunecomp_export.targets:build_target",
+            {"name": name, "checkpoint": str(checkpoint), "out_dir": str(out_dir), "options": chosen.model_dump()},
+        )
+        builds.records[name] = child.value
+        builds.peak_rss_bytes[name] = child.peak_rss_bytes
+    return builds

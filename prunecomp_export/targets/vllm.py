@@ -180,7 +180,7 @@ def vllm_env(options: Options) -> dict[str, str]:
     return env
 
 
-def _package_root_for_child() -> str:
+def package_root_for_child() -> str:
     """A directory holding only a link to this package, for a child's sys.path.
 
     Putting the real parent (site-packages, for an installed prunecomp-export) on another
@@ -423,16 +423,19 @@ def serve(checkpoint: Path, options: Options, *, on_ready: Callable[[str], None]
             stop_process(proc)  # no-op for an exited server, but kills its leftover processes
 
 
-def serve_script(checkpoint: Path, options: Options, *, python: str) -> str:
-    """``serve.sh``: the exact server command; HOST, PORT, MODEL and PRUNECOMP_VLLM_PYTHON override."""
+def serve_script(checkpoint: Path, options: Options, *, python: str, directory: Path) -> str:
+    """``serve.sh`` (to be written into ``directory``): the exact server command; HOST, PORT, MODEL and
+    PRUNECOMP_VLLM_PYTHON override. The default MODEL is ``checkpoint`` relative to the script's own
+    location, resolved when it runs: an output moved or copied to another machine still serves its
+    own checkpoint (the output is written in a staging directory that is renamed afterwards)."""
     port = options.port or SERVE_SCRIPT_PORT
+    relative = os.path.relpath(Path(checkpoint).resolve(), Path(directory).resolve())
     placeholders = {"__HOST__": '"$HOST"', "__PORT__": '"$PORT"', "__MODEL__": '"$MODEL"'}
     args = server_args("__MODEL__", options, port="__PORT__", host="__HOST__")
     command = " ".join(placeholders.get(arg, shlex.quote(arg)) for arg in args)
     defaults = {
         "HOST": options.host,
         "PORT": str(port),
-        "MODEL": str(checkpoint),
         PYTHON_ENV: python,
         "HF_HUB_OFFLINE": "1",
         "VLLM_NO_USAGE_STATS": "1",
@@ -446,9 +449,10 @@ def serve_script(checkpoint: Path, options: Options, *, python: str) -> str:
         "# HOST, PORT, MODEL and PRUNECOMP_VLLM_PYTHON override the defaults below; extra arguments go to",
         "# vLLM. The server is ready when GET http://$HOST:$PORT/health answers 200.",
         "set -eu",
+        f'[ -n "${{MODEL:-}}" ] || MODEL=$(CDPATH= cd -- "$(dirname -- "$0")"/{shlex.quote(relative)} && pwd)',
         *(f'[ -n "${{{key}:-}}" ] || {key}={shlex.quote(value)}' for key, value in defaults.items()),
         *(f"{key}={shlex.quote(value)}" for key, value in sorted(options.env.items())),
-        "export " + " ".join([*list(defaults)[4:], *sorted(options.env)]),
+        "export " + " ".join([*list(defaults)[3:], *sorted(options.env)]),
         f'exec "${PYTHON_ENV}" {command} "$@"',
         "",
     ]
@@ -634,7 +638,7 @@ def run_vllm_offline(
         }
         request_path = Path(tmp) / "request.json"
         request_path.write_text(json.dumps(request))
-        path_root = _package_root_for_child()
+        path_root = package_root_for_child()
         # -c, not a script: vLLM's spawned children then have no main module to re-import.
         bootstrap = (
             f"import sys; sys.path.insert(0, {path_root!r}); "
@@ -700,14 +704,16 @@ def build(checkpoint: Path, out_dir: Path, options: Options) -> dict[str, Any]:
     rows = compare_greedy(options.prompts, hf, result)
 
     script = out_dir / SERVE_SCRIPT
-    script.write_text(serve_script(checkpoint, options, python=python))
+    script.write_text(serve_script(checkpoint, options, python=python, directory=out_dir))
     script.chmod(0o755)
-    command = server_command(checkpoint, options, port=options.port or SERVE_SCRIPT_PORT, python=python)
+    # the record's paths are relative to the output directory (out_dir is <output>/targets/vllm)
+    model = Path(os.path.relpath(checkpoint, out_dir.resolve().parent.parent))
+    command = server_command(model, options, port=options.port or SERVE_SCRIPT_PORT, python=python)
     record = {
         "target": "vllm",
         "vllm_version": result.get("vllm_version", version),
         "python": python,
-        "checkpoint": str(checkpoint),
+        "checkpoint": str(model),
         "dtype": options.dtype,
         "max_new_tokens": options.max_new_tokens,
         "tokens_equal": all(row["tokens_equal"] and row["prompt_ids_equal"] for row in rows),
