@@ -28,6 +28,7 @@ from prunecomp_export.costs import CostMeter, StageCost
 from prunecomp_export.engine.execution import Placement, check_cache_dir, plan_placement, resolve_device
 from prunecomp_export.engine.layerwise import trim_host_memory
 from prunecomp_export.engine.loop import Plan, Trajectory, make_plan, prune
+from prunecomp_export.errors import RecipeError
 from prunecomp_export.evaluation.evaluator import DenseCache, Evaluator, Measurement
 from prunecomp_export.output.checkpoint import ReloadCheck, dtype_name, write_verification_sample
 from prunecomp_export.output.manifest import write_manifest
