@@ -32,7 +32,7 @@ def test_prunecomp_beats_one_shot_without_compensation(smollm2_demo_run):
 
 def test_checkpoint_is_plain_and_described_by_its_manifest(smollm2_demo_run, smollm2_pruned_dir):
     manifest = json.loads((smollm2_demo_run.output / "prunecomp_manifest.json").read_text())
-    assert [r["original_layers"][0] for r in manifest["removed"]] == smollm2_demo_run.trajectory.removed
+    assert [r["removed"][0] for r in manifest["removed"]] == smollm2_demo_run.trajectory.removed
     assert manifest["verification"]["max_abs_logit_diff"] < 1e-4
     assert manifest["verification"]["generate_cache_equals_no_cache"]
     assert (smollm2_demo_run.output / "recipe.resolved.yaml").is_file()

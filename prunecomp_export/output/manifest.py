@@ -10,7 +10,7 @@ from typing import Any
 from prunecomp_export.output.checkpoint import sha256_tree
 from prunecomp_export.output.outputdir import MANIFEST
 
-MANIFEST_SCHEMA = "prunecomp-manifest/1"
+MANIFEST_SCHEMA = "prunecomp-manifest/2"
 
 
 def listed_files(directory: Path) -> dict[str, str]:
