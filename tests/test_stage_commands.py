@@ -269,6 +269,7 @@ def test_export_builds_a_target_into_the_output_and_records_it(output, tmp_path,
         (t["target"], t["passed"], [(c["measured"], c["limit"]) for c in t["checks"]]) for t in results["targets"]
     ] == [("vllm", True, [(1, 1)])]
     assert "| vllm | greedy_tokens | 1 | ≥ 1 | prompts greedy-equal | PASS |" in (moved / "report.md").read_text()
+    assert "vllm: greedy_tokens 1 ≥ 1 (prompts greedy-equal): PASS" in result.output
     assert (moved / "checkpoint" / "model.safetensors").stat().st_ino == weights.st_ino  # linked, not copied
     assert [p.name for p in moved.parent.iterdir()] == ["moved"]  # no staging or lock left
     assert invoke("verify", str(moved)).exit_code == 0
