@@ -92,7 +92,7 @@ def test_cli_exits_0_when_signoff_passes_and_reports_parse(tmp_path, tiny_dir):
     assert points == {("dense", 0), ("prunecomp", 1), ("prunecomp", 2), ("baseline", 1), ("baseline", 2)}
     markdown = (out / "report.md").read_text()
     assert "**PASS**" in markdown
-    assert results["targets"] == []  # no --target: the checkpoint's reload check is its proof
+    assert results["targets"] == []  # no --target: the plain checkpoint only
     assert f"## Deployed targets\n\n{NO_TARGETS}\n" in markdown
     # every stage measured before the report, with where the weights and the stream cache lived
     stages = [cost["name"] for cost in results["costs"]]

@@ -106,7 +106,7 @@ def render_markdown(results: RunResults) -> str:
     return "\n".join(lines)
 
 
-NO_TARGETS = "No deployment target was built; the checkpoint itself is proven by the reload check in the manifest."
+NO_TARGETS = "No deployment target was built: the output deploys the plain checkpoint (`hf`) only."
 COMPARISONS = {"<=": "≤", ">=": "≥"}
 
 
