@@ -167,6 +167,8 @@ def export(out: str, targets: tuple[str, ...]) -> None:
     """Build deployment targets for the existing output OUT (options from its recorded recipe)."""
     from prunecomp_export.commands import export_targets
     from prunecomp_export.progress import Reporter, RichReporter
+    from prunecomp_export.report.render import target_line
+    from prunecomp_export.report.results import deployed_targets
     from prunecomp_export.targets import TARGETS
 
     where = _Where()
@@ -179,6 +181,8 @@ def export(out: str, targets: tuple[str, ...]) -> None:
         records = export_targets(out, names, reporter.log)
     built = ", ".join(f"targets/{name}" for name in records) or "nothing to build (hf is the checkpoint)"
     click.echo(f"{out}: {built}")
+    for parity in deployed_targets(records):
+        click.echo(f"{target_line(parity)}: {'PASS' if parity.passed else 'FAIL'}")
 
 
 @main.command(context_settings=CONTEXT)

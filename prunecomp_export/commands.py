@@ -126,7 +126,10 @@ def verify_output(path: str | Path, device: str | None = None) -> Verification:
 def export_targets(path: str | Path, names: list[str], log) -> dict[str, dict]:
     """Build ``names`` for an existing output as the run does (same options from the recorded recipe,
     same child processes), replacing any earlier build of those targets, and record them in the
-    manifest; the output changes in one step, under its lock."""
+    manifest and their parity in results.json and the reports; the output changes in one step,
+    under its lock."""
+    from prunecomp_export.report.render import write_reports
+    from prunecomp_export.report.results import deployed_targets, read_results
     from prunecomp_export.targets import build_targets, validated_options
 
     output = open_output(path)
@@ -137,6 +140,8 @@ def export_targets(path: str | Path, names: list[str], log) -> dict[str, dict]:
             shutil.rmtree(stage / "targets" / name, ignore_errors=True)
         builds = build_targets(options, stage / "checkpoint", stage, log)
         targets = {**(current.manifest.get("targets") or {}), **builds.records}
+        results = read_results(stage / "results.json")
+        write_reports(results.model_copy(update={"targets": deployed_targets(targets)}), stage)
         write_manifest(stage, {**current.manifest, "targets": targets})
     return builds.records
 
@@ -182,7 +187,7 @@ def bench_output(path: str | Path, reporter: Reporter):
     bench.json, the bench and the sign-off into results.json and the reports. Returns the RunResults."""
     from prunecomp_export.bench.timing import benchmark, onnx_exporter, require_runtimes, runtimes_for, speedups_at
     from prunecomp_export.report.render import write_reports
-    from prunecomp_export.report.results import RunResults
+    from prunecomp_export.report.results import deployed_targets, read_results
     from prunecomp_export.report.signoff import evaluate_signoff
     from prunecomp_export.source.loading import load_config, resolve_source
 
@@ -206,9 +211,10 @@ def bench_output(path: str | Path, reporter: Reporter):
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
         (stage / "bench.json").write_text(json.dumps(bench, indent=2) + "\n")
-        results = RunResults.model_validate(json.loads((stage / "results.json").read_text()))
+        results = read_results(stage / "results.json")
         signoff = evaluate_signoff(recipe.signoff, results.measurements, removed, speedups_at(bench, removed))
-        results = results.model_copy(update={"bench": bench, "signoff": signoff})
+        targets = deployed_targets(current.manifest.get("targets") or {})
+        results = results.model_copy(update={"bench": bench, "signoff": signoff, "targets": targets})
         write_reports(results, stage)
         write_manifest(stage, current.manifest)
     return results

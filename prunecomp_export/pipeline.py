@@ -44,6 +44,7 @@ from prunecomp_export.report.results import (
     RunResults,
     Summary,
     TrajectoryInfo,
+    deployed_targets,
 )
 from prunecomp_export.report.signoff import accuracy_kept, evaluate_signoff, perplexity_ratios
 from prunecomp_export.source import calibration, corpus
@@ -178,7 +179,7 @@ def run(recipe: Recipe, targets: list[str], reporter: Reporter | None = None, be
         with meter.stage("report"):
             (stage / "recipe.resolved.yaml").write_text(dump_recipe(recorded_recipe(recipe)))
             (stage / "trajectory.json").write_text(json.dumps(trajectory.to_json(), indent=2) + "\n")
-            results = _results(checked, loaded, trajectory, measurements, bench_results, meter)
+            results = _results(checked, loaded, trajectory, measurements, target_records, bench_results, meter)
             write_reports(results, stage)
         shutil.rmtree(loaded.variants.scratch, ignore_errors=True)
         _write_manifest(stage, checked, loaded.identity, trajectory, verification, target_records, results)
@@ -335,7 +336,9 @@ def _bench(checked: Checked, loaded: Loaded, trajectory: Trajectory, checkpoint:
         return benchmark(recipe.bench, checked.runtimes, checkpoints, plan.num_layers, vocab, reporter, onnx_export)
 
 
-def _results(checked: Checked, loaded: Loaded, trajectory: Trajectory, rows, bench_results, meter) -> RunResults:
+def _results(
+    checked: Checked, loaded: Loaded, trajectory: Trajectory, rows, target_records, bench_results, meter
+) -> RunResults:
     recipe, plan = checked.recipe, checked.plan
     final = plan.num_drop
     identity = loaded.identity
@@ -366,6 +369,7 @@ def _results(checked: Checked, loaded: Loaded, trajectory: Trajectory, rows, ben
             recipe.signoff, rows, final, speedups_at(bench_results, final) if bench_results else None
         ),
         execution=Execution.model_validate(loaded.placement.describe()),
+        targets=deployed_targets(target_records),
         costs=meter.stages,
         peak_rss_bytes=meter.process_peak_rss_bytes(),
         packages=_package_versions(),

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from prunecomp_export.cli import main
 from prunecomp_export.evaluation.evaluator import Measurement
 from prunecomp_export.recipe import SignoffSpec
-from prunecomp_export.report.render import accuracy_curve, perplexity_curve
+from prunecomp_export.report.render import NO_TARGETS, accuracy_curve, perplexity_curve
 from prunecomp_export.report.results import SCHEMA, SCHEMA_FILE, RunResults, schema_text
 from prunecomp_export.report.signoff import accuracy_kept, evaluate_signoff, perplexity_ratios
 from tests.test_recipe_errors import GOOD, write
@@ -84,7 +84,7 @@ def test_cli_exits_0_when_signoff_passes_and_reports_parse(tmp_path, tiny_dir):
     out = tmp_path / "out"
     results = json.loads((out / "results.json").read_text())
     jsonschema.validate(results, json.loads(SCHEMA_FILE.read_text()))
-    assert results["schema"] == SCHEMA == "prunecomp-results/3"
+    assert results["schema"] == SCHEMA == "prunecomp-results/4"
     assert RunResults.model_validate(results).to_json() == results
     assert results["signoff"]["passed"] is True
     # trajectory 'all': Prune&Comp and the baseline at 1 and 2 removed layers, dense once
@@ -92,6 +92,8 @@ def test_cli_exits_0_when_signoff_passes_and_reports_parse(tmp_path, tiny_dir):
     assert points == {("dense", 0), ("prunecomp", 1), ("prunecomp", 2), ("baseline", 1), ("baseline", 2)}
     markdown = (out / "report.md").read_text()
     assert "**PASS**" in markdown
+    assert results["targets"] == []  # no --target: the plain checkpoint only
+    assert f"## Deployed targets\n\n{NO_TARGETS}\n" in markdown
     # every stage measured before the report, with where the weights and the stream cache lived
     stages = [cost["name"] for cost in results["costs"]]
     assert stages == ["load", "prune", "evaluate", "save", "targets"]
@@ -126,7 +128,7 @@ def test_committed_schema_is_the_one_the_models_generate():
     assert SCHEMA_FILE.read_text() == schema_text()
     schema = json.loads(SCHEMA_FILE.read_text())
     assert schema["$id"] == SCHEMA
-    assert {"execution", "costs", "peak_rss_bytes"} <= set(schema["required"])
+    assert {"execution", "targets", "costs", "peak_rss_bytes"} <= set(schema["required"])
     jsonschema.Draft202012Validator.check_schema(schema)
 
 
@@ -158,6 +160,7 @@ def hand_made(**fields) -> RunResults:
         "execution": {"device": "cpu", "budget_bytes": 16_000_000_000, "weights": "streamed",
                       "weights_bytes": 140_000_000_000, "stream_cache": "disk", "stream_cache_bytes": 12_340_000_000,
                       "working_bytes": 3_000_000_000},
+        "targets": [],
         "costs": [],
         "peak_rss_bytes": 3_200_000_000,
         "packages": {},

@@ -134,6 +134,20 @@ def test_records_give_paths_relative_to_the_output(output):
     assert json.loads((output / "results.json").read_text())["recipe"]["output"]["dir"] == "."
 
 
+def test_results_and_reports_show_the_targets_parity(output):
+    results = json.loads((output / "results.json").read_text())
+    (vllm,) = results["targets"]
+    assert (vllm["target"], vllm["passed"]) == ("vllm", True)
+    (check,) = vllm["checks"]
+    # one prompt ("t5 t6 t7"), greedy-equal on the stand-in vLLM
+    assert (check["name"], check["measured"], check["comparison"], check["limit"]) == ("greedy_tokens", 1, ">=", 1)
+    assert check["passed"] is True and check["detail"].startswith("float32, ")
+    assert "(at most 4 a prompt)" in check["detail"]
+    row = "| vllm | greedy_tokens | 1 | ≥ 1 | prompts greedy-equal | PASS |"
+    assert row in (output / "report.md").read_text()
+    assert "<td>vllm</td><td>greedy_tokens</td><td>1</td><td>≥ 1</td>" in (output / "report.html").read_text()
+
+
 # --- the command line ----------------------------------------------------------------------------
 
 
@@ -237,7 +251,11 @@ def test_export_builds_a_target_into_the_output_and_records_it(output, tmp_path,
     manifest = json.loads((moved / "prunecomp_manifest.json").read_text())
     from prunecomp_export.output.manifest import write_manifest
 
-    write_manifest(moved, {**manifest, "targets": {}})  # an output made without targets
+    # an output made without targets, by a prunecomp-export whose results.json had no targets (schema 3)
+    results = json.loads((moved / "results.json").read_text())
+    del results["targets"]
+    (moved / "results.json").write_text(json.dumps({**results, "schema": "prunecomp-results/3"}))
+    write_manifest(moved, {**manifest, "targets": {}})
     weights = (moved / "checkpoint" / "model.safetensors").stat()
     result = invoke("export", str(moved), "--target", "vllm")
     assert result.exit_code == 0, result.output
@@ -245,6 +263,13 @@ def test_export_builds_a_target_into_the_output_and_records_it(output, tmp_path,
     assert manifest["targets"]["vllm"]["tokens_equal"] is True
     assert manifest["targets"]["vllm"]["checkpoint"] == "checkpoint"
     assert "targets/vllm/serve.sh" in manifest["files"]
+    results = json.loads((moved / "results.json").read_text())
+    assert results["schema"] == "prunecomp-results/4"
+    assert [
+        (t["target"], t["passed"], [(c["measured"], c["limit"]) for c in t["checks"]]) for t in results["targets"]
+    ] == [("vllm", True, [(1, 1)])]
+    assert "| vllm | greedy_tokens | 1 | ≥ 1 | prompts greedy-equal | PASS |" in (moved / "report.md").read_text()
+    assert "vllm: greedy_tokens 1 ≥ 1 (prompts greedy-equal): PASS" in result.output
     assert (moved / "checkpoint" / "model.safetensors").stat().st_ino == weights.st_ino  # linked, not copied
     assert [p.name for p in moved.parent.iterdir()] == ["moved"]  # no staging or lock left
     assert invoke("verify", str(moved)).exit_code == 0
@@ -317,6 +342,7 @@ def test_bench_times_the_output_against_its_source(output, tmp_path):
     assert {(row["runtime"], row["layers_removed"]) for row in bench["rows"]} == {("torch", 0), ("torch", 2)}
     results = json.loads((moved / "results.json").read_text())
     assert results["bench"] == bench
+    assert [t["target"] for t in results["targets"]] == ["vllm"]  # kept from the output's manifest
     assert "bench.json" in json.loads((moved / "prunecomp_manifest.json").read_text())["files"]
     assert "speedup" in result.stdout
     assert invoke("verify", str(moved)).exit_code == 0

@@ -123,6 +123,19 @@ def test_build_writes_a_validated_package(built):
     json.dumps(record)  # manifest material
 
 
+def test_the_built_record_gives_the_reports_parity_rows(built):
+    """The report reads the record ``build`` returns: each logit check against the tolerance, then
+    the genai package's greedy tokens (all of them equal)."""
+    _, record = built
+    rows = target.parity_checks(record)
+    assert [r["name"] for r in rows] == ["prefill", "decode", "padded_batch", "genai_greedy"]
+    for row, check in zip(rows[:3], record["checks"].values(), strict=True):
+        assert (row["measured"], row["limit"], row["passed"]) == (check["max_abs_diff"], record["tolerance"], True)
+    greedy = record["genai"]["greedy"]
+    assert rows[3]["measured"] == rows[3]["limit"] == len(greedy["hf_tokens"]) > 0
+    assert rows[3]["passed"] is True
+
+
 def test_genai_package_generates_like_transformers(built, checkpoint, reference):
     out_dir, record = built
     greedy = record["genai"]["greedy"]

@@ -9,7 +9,7 @@ import io
 import json
 from pathlib import Path
 
-from prunecomp_export.report.results import SCHEMA, MeasurementRow, RunResults
+from prunecomp_export.report.results import SCHEMA, MeasurementRow, ParityCheck, RunResults, TargetParity
 from prunecomp_export.report.signoff import accuracy_kept, perplexity_ratios
 
 GB = 1e9
@@ -94,6 +94,7 @@ def render_markdown(results: RunResults) -> str:
         loss = "" if r.calibration_loss is None else f"{r.calibration_loss:.4f}"
         compensation = compensation_text(r.step.alpha, r.step.paper_alpha, r.step.output_map_layer)
         lines.append(f"| {r.round} | {', '.join(map(str, r.step.removed))} | {compensation} | {loss} |")
+    lines += ["", "## Deployed targets", "", *targets_markdown(results)]
     if results.bench:
         lines += ["", "## Latency", "", *bench_markdown(results.bench)]
     lines += ["", "## Cost", "", *cost_markdown(results)]
@@ -103,6 +104,56 @@ def render_markdown(results: RunResults) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+NO_TARGETS = "No deployment target was built: the output deploys the plain checkpoint (`hf`) only."
+COMPARISONS = {"<=": "≤", ">=": "≥"}
+
+
+def _figure(value: float) -> str:
+    """A parity figure: a count as an integer, a difference to 3 significant digits."""
+    return str(int(value)) if float(value).is_integer() else f"{value:.3g}"
+
+
+def _verdict(passed: bool) -> str:
+    return "PASS" if passed else "FAIL"
+
+
+def limit_text(check: ParityCheck) -> str:
+    """The bound a parity figure had to meet, e.g. ``≤ 0.005``."""
+    return f"{COMPARISONS[check.comparison]} {_figure(check.limit)}"
+
+
+def targets_table(results: RunResults) -> tuple[list[str], list[list[str]]]:
+    """One row per parity check of each built target: what it measured against the checkpoint."""
+    header = ["target", "check", "measured", "limit", "unit", "result", "detail"]
+    table = [
+        [t.target, c.name, _figure(c.measured), limit_text(c), c.unit, _verdict(c.passed), c.detail]
+        for t in results.targets
+        for c in t.checks
+    ]
+    return header, table
+
+
+def target_line(target: TargetParity) -> str:
+    """A built target's parity in one line (the console summary): each check's figure and bound."""
+    checks = ", ".join(f"{c.name} {_figure(c.measured)} {limit_text(c)} ({c.unit})" for c in target.checks)
+    return f"{target.target}: {checks}"
+
+
+def _md_cell(text: str) -> str:
+    """A markdown table cell: a ``|`` in a prompt must not end the cell."""
+    return text.replace("|", "\\|")
+
+
+def targets_markdown(results: RunResults) -> list[str]:
+    if not results.targets:
+        return [NO_TARGETS]
+    header, table = targets_table(results)
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(_md_cell(cell) for cell in row) + " |" for row in table]
+    verdicts = ", ".join(f"{t.target} {_verdict(t.passed)}" for t in results.targets)
+    return [*lines, "", f"Each target against the checkpoint in transformers, when it was built: {verdicts}."]
 
 
 def bench_table(bench: dict) -> tuple[list[str], list[list[str]]]:
@@ -300,6 +351,22 @@ def _png(fig) -> bytes:
     return buffer.getvalue()
 
 
+def targets_html(results: RunResults) -> list[str]:
+    """The deployed targets' parity checks as the page's table (a result cell coloured by verdict)."""
+    if not results.targets:
+        return ["<h2>Deployed targets</h2>", f"<p id='targets'>{html.escape(NO_TARGETS)}</p>"]
+    header, table = targets_table(results)
+    result = header.index("result")
+    parts = ["<h2>Deployed targets</h2><table id='targets'><tr>" + "".join(f"<th>{h}</th>" for h in header) + "</tr>"]
+    for row in table:
+        cells = [
+            f"<td class='{c}'>{c}</td>" if i == result else f"<td>{html.escape(c)}</td>" for i, c in enumerate(row)
+        ]
+        parts.append("<tr>" + "".join(cells) + "</tr>")
+    parts.append("</table>")
+    return parts
+
+
 def render_html(results: RunResults) -> str:
     """The markdown's content as a standalone page with the plots inlined (no external requests)."""
     signoff, model, trajectory = results.signoff, results.model, results.trajectory
@@ -330,6 +397,7 @@ def render_html(results: RunResults) -> str:
     )
     parts += ["<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in table]
     parts.append("</table>")
+    parts += targets_html(results)
     if results.bench:
         bench_header, bench_rows = bench_table(results.bench)
         warnings, how = bench_notes(results.bench)

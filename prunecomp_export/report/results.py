@@ -14,7 +14,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from prunecomp_export.costs import StageCost
 
-SCHEMA = "prunecomp-results/3"
+SCHEMA = "prunecomp-results/4"
+#: the schemas a results.json of an older output may have, readable as this one (see ``read_results``)
+OLDER_SCHEMAS = ("prunecomp-results/3",)
 SCHEMA_FILE = Path(__file__).resolve().parent / "schemas" / "results.schema.json"
 
 Variant = Literal["dense", "baseline", "prunecomp"]
@@ -117,6 +119,31 @@ class Execution(_Strict):
     working_bytes: int
 
 
+class ParityCheck(_Strict):
+    """One figure a deployment target measured against the checkpoint in transformers when it was
+    built: ``measured`` had to be ``comparison`` ``limit`` (a logit difference at most the tolerance,
+    a count of agreeing tokens or prompts at least the count compared). ``passed`` is the target's
+    own verdict, which may also need what ``detail`` names (the prompt tokenized alike)."""
+
+    name: str
+    measured: float
+    comparison: Literal["<=", ">="]
+    limit: float
+    unit: str
+    passed: bool
+    detail: str
+
+
+class TargetParity(_Strict):
+    """A built target's proof that it computes what the checkpoint computes (``hf``, the checkpoint
+    itself, has none here: the reload check in the manifest is its proof)."""
+
+    target: str
+    #: every check passed
+    passed: bool
+    checks: list[ParityCheck] = Field(min_length=1)
+
+
 class RunResults(_Strict):
     model_config = ConfigDict(
         extra="forbid",
@@ -128,7 +155,7 @@ class RunResults(_Strict):
     )
 
     # "schema" in the file (required there, so no default); ``schema_id`` here (``schema`` is a BaseModel attribute)
-    schema_id: Literal["prunecomp-results/3"] = Field(alias="schema")
+    schema_id: Literal["prunecomp-results/4"] = Field(alias="schema")
     created: str
     model: ModelInfo
     recipe: dict[str, Any]
@@ -140,6 +167,8 @@ class RunResults(_Strict):
     bench: dict[str, Any] | None
     signoff: Signoff
     execution: Execution
+    #: the deployment targets built (run or ``export``), each with its parity figures; empty when none
+    targets: list[TargetParity]
     costs: list[StageCost]
     #: the CLI process's own peak RSS over the run (children not included)
     peak_rss_bytes: int
@@ -149,6 +178,23 @@ class RunResults(_Strict):
     def to_json(self) -> dict[str, Any]:
         """The content of results.json (NaN and infinities stay floats, as ``json.dumps`` writes them)."""
         return self.model_dump(mode="json")
+
+
+def deployed_targets(records: dict[str, dict]) -> list[TargetParity]:
+    """The parity of each target built into an output, from its manifest records: the run and every
+    command that rewrites results.json show what the output deploys."""
+    from prunecomp_export.targets import target_parity
+
+    return [TargetParity.model_validate(parity) for parity in target_parity(records)]
+
+
+def read_results(path: Path) -> RunResults:
+    """An output's results.json. One of an older schema reads as this one where this one only added
+    fields an older output can lack: schema 4 added ``targets``, filled by whoever rewrites the file."""
+    raw = json.loads(path.read_text())
+    if isinstance(raw, dict) and raw.get("schema") in OLDER_SCHEMAS:
+        raw = {**raw, "schema": SCHEMA, "targets": raw.get("targets", [])}
+    return RunResults.model_validate(raw)
 
 
 def schema_text() -> str:

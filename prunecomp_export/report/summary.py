@@ -5,10 +5,11 @@ from __future__ import annotations
 import math
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from prunecomp_export.pipeline import DryRunResult, RunResult
-from prunecomp_export.report.render import compensation_text, cost_table, execution_line, summary_table
+from prunecomp_export.report.render import compensation_text, cost_table, execution_line, summary_table, target_line
 from prunecomp_export.report.results import RunResults
 
 
@@ -65,6 +66,9 @@ def _print_results(result: RunResult, results: RunResults, console: Console) -> 
         console.print(f"sign-off {check.name}: {value} (required {check.threshold}) {verdict} {check.detail}")
     if signoff.checks:
         console.print("sign-off: " + ("[green]PASS[/green]" if signoff.passed else "[red]FAIL[/red]"))
+    for target in results.targets:
+        verdict = "[green]PASS[/green]" if target.passed else "[red]FAIL[/red]"
+        console.print(f"target {escape(target_line(target))} {verdict}")
     header, rows = cost_table(results)
     table = Table(title="cost per stage")
     for column in header:

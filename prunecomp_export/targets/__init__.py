@@ -13,7 +13,10 @@ A target module provides:
   files in ``out_dir`` refer to the checkpoint relative to themselves, and the record's paths are
   relative to the output directory (``out_dir`` is ``<output>/targets/<name>``). It raises
   ``TargetUnavailable`` when its runtime or hardware is missing and ``ValidationFailed`` when a
-  parity check fails.
+  parity check fails;
+- ``parity_checks(record) -> list[dict]`` (every target but ``hf``): its record's parity figures as
+  rows of the report's ``ParityCheck`` (name, measured, comparison, limit, unit, passed, detail), so
+  only the target module knows its record's layout.
 """
 
 from __future__ import annotations
@@ -63,6 +66,21 @@ def validated_options(name: str, raw: dict) -> Any:
     if (check := getattr(module, "preflight", None)) is not None:
         check(options)
     return options
+
+
+def parity_checks(name: str, record: dict) -> list[dict]:
+    """A built target's parity figures, from its record (``ParityCheck`` rows)."""
+    return load_target(name).parity_checks(record)
+
+
+def target_parity(records: dict[str, dict]) -> list[dict]:
+    """Each built target's parity, in build order (``TargetParity`` for results.json): what the
+    sign-off report shows of each target's proof that it computes what the checkpoint computes."""
+    parity = []
+    for name, record in records.items():
+        checks = parity_checks(name, record)
+        parity.append({"target": name, "passed": all(c["passed"] for c in checks), "checks": checks})
+    return parity
 
 
 @dataclass

@@ -626,6 +626,20 @@ def check_genai_greedy(checkpoint: Path, genai_dir: Path, model, prompt: str, ma
         )
     hf_new = out[0, len(prompt_ids) :].tolist()
     eos = _eos_ids(checkpoint, model.config)
+    greedy = compare_genai_greedy(prompt, prompt_ids, og_prompt_ids, hf_new, genai_new, eos)
+    return {**greedy, "seconds": round(time.perf_counter() - started, 1)}
+
+
+def compare_genai_greedy(
+    prompt: str,
+    prompt_ids: list[int],
+    genai_prompt_ids: list[int],
+    hf_new: list[int],
+    genai_new: list[int],
+    eos: set[int],
+) -> dict[str, Any]:
+    """The record of ``check_genai_greedy`` from the token ids both sides produced (a pure function,
+    so the record's layout is testable without a genai package)."""
     genai_new, hf_new = _until_eos(genai_new, eos), _until_eos(hf_new, eos)
     mismatch = next((i for i, (a, b) in enumerate(zip(genai_new, hf_new, strict=False)) if a != b), None)
     if mismatch is None and len(genai_new) != len(hf_new):
@@ -633,12 +647,11 @@ def check_genai_greedy(checkpoint: Path, genai_dir: Path, model, prompt: str, ma
     return {
         "prompt": prompt,
         "prompt_tokens": len(prompt_ids),
-        "tokenizer_match": og_prompt_ids == prompt_ids,
+        "tokenizer_match": genai_prompt_ids == prompt_ids,
         "hf_tokens": hf_new,
         "genai_tokens": genai_new,
         "first_mismatch": mismatch,
-        "passed": mismatch is None and og_prompt_ids == prompt_ids,
-        "seconds": round(time.perf_counter() - started, 1),
+        "passed": mismatch is None and genai_prompt_ids == prompt_ids,
     }
 
 
@@ -672,6 +685,72 @@ def _genai_distribution() -> str:
         except importlib.metadata.PackageNotFoundError:
             continue
     return "onnxruntime-genai"
+
+
+# --------------------------------------------------------------------------------------------
+# parity figures for the report
+
+LOGIT_UNIT = "max abs logit diff"
+
+
+def logit_checks(checks: dict[str, dict[str, Any]], tolerance: float) -> list[dict[str, Any]]:
+    """``check_parity``'s checks as the report's parity rows (``ParityCheck``); the ``tensorrt``
+    target records the same checks."""
+    return [
+        {
+            "name": name,
+            "measured": check["max_abs_diff"],
+            "comparison": "<=",
+            "limit": tolerance,
+            "unit": LOGIT_UNIT,
+            "passed": bool(check["passed"]),
+            "detail": _logit_check_detail(name, check),
+        }
+        for name, check in checks.items()
+    ]
+
+
+def _logit_check_detail(name: str, check: dict[str, Any]) -> str:
+    """What a check of ``check_parity`` compared, in words."""
+    if name == "prefill":
+        return f"{check['tokens']} prompt tokens, no cache"
+    if name == "decode":
+        return f"{check['tokens']} cached decode steps on the runtime's own cache"
+    if name == "padded_batch":
+        first, second = check["lengths"]
+        return f"prompts of {first} and {second} tokens left-padded in one batch, then 1 cached step"
+    return f"{check['tokens']} tokens"
+
+
+def genai_greedy_check(greedy: dict[str, Any]) -> dict[str, Any]:
+    """``check_genai_greedy``'s record as one parity row: new tokens equal to transformers' before
+    the first mismatch, of the longer continuation (so a package that runs on past transformers'
+    end of sequence does not reach the limit)."""
+    compared = max(len(greedy["hf_tokens"]), len(greedy["genai_tokens"]))
+    mismatch = greedy["first_mismatch"]
+    detail = [f"prompt {greedy['prompt']!r} ({greedy['prompt_tokens']} tokens)"]
+    if not greedy["tokenizer_match"]:
+        detail.append("genai's tokenizer encodes it differently")
+    if mismatch is not None:
+        detail.append(f"first mismatch at new token {mismatch}")
+    return {
+        "name": "genai_greedy",
+        "measured": compared if mismatch is None else mismatch,
+        "comparison": ">=",
+        "limit": compared,
+        "unit": "greedy tokens equal",
+        "passed": bool(greedy["passed"]),
+        "detail": "; ".join(detail),
+    }
+
+
+def parity_checks(record: dict[str, Any]) -> list[dict[str, Any]]:
+    """The parity figures of an ``onnx`` record (what ``build`` returns): ONNX Runtime's logit
+    checks, then the genai package's greedy agreement when one was built."""
+    rows = logit_checks(record["checks"], record["tolerance"])
+    if "genai" in record:
+        rows.append(genai_greedy_check(record["genai"]["greedy"]))
+    return rows
 
 
 # --------------------------------------------------------------------------------------------

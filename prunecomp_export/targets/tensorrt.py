@@ -24,7 +24,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from prunecomp_export.errors import ModelError, TargetUnavailable, ValidationFailed
-from prunecomp_export.targets.onnx import ParityOptions
+from prunecomp_export.targets.onnx import ParityOptions, logit_checks
 
 ENGINE_FILE = "model.plan"
 INSTALL_HINT = "pip install tensorrt (and onnx, onnxscript), on a machine with an NVIDIA GPU and CUDA driver"
@@ -232,6 +232,12 @@ class TrtDecoder:
     def _address(self, value) -> int:
         # Zero-sized tensors (the empty cache at prefill) have no storage; give TensorRT a valid pointer.
         return value.data_ptr() if value.numel() else self._placeholder.data_ptr()
+
+
+def parity_checks(record: dict[str, Any]) -> list[dict[str, Any]]:
+    """The parity figures of a ``tensorrt`` record: the engine's logit checks (those of the ``onnx``
+    target, run on the engine)."""
+    return logit_checks(record["checks"], record["tolerance"])
 
 
 def preflight(options: Options) -> None:

@@ -574,6 +574,37 @@ def check_parity(rows: Sequence[dict[str, Any]]) -> None:
             )
 
 
+def parity_checks(record: dict[str, Any]) -> list[dict[str, Any]]:
+    """The parity figure of a ``vllm`` record (what ``build`` returns): the prompts whose greedy
+    tokens and prompt token ids equal transformers', of all prompts checked."""
+    rows = record["prompts"]
+    equal = sum(1 for row in rows if row["tokens_equal"] and row["prompt_ids_equal"])
+    return [
+        {
+            "name": "greedy_tokens",
+            "measured": equal,
+            "comparison": ">=",
+            "limit": len(rows),
+            "unit": "prompts greedy-equal",
+            "passed": bool(record["tokens_equal"]) and equal == len(rows),
+            "detail": _greedy_detail(record),
+        }
+    ]
+
+
+def _greedy_detail(record: dict[str, Any]) -> str:
+    """How the prompts were compared, and each one that differs."""
+    compared = sum(row["hf_tokens"] for row in record["prompts"])
+    most = record["max_new_tokens"]
+    parts = [f"{record['dtype']}, {compared} new tokens of transformers compared (at most {most} a prompt)"]
+    for row in record["prompts"]:
+        if not row["prompt_ids_equal"]:
+            parts.append(f"{row['prompt']!r} tokenized differently")
+        elif not row["tokens_equal"]:
+            parts.append(f"{row['prompt']!r} first mismatch at new token {row['first_mismatch']}")
+    return "; ".join(parts)
+
+
 def _worker_main(request_path: str) -> int:
     """Child-process entry: run vLLM offline on token-id prompts; write a JSON result, never raise."""
     request = json.loads(Path(request_path).read_text())
