@@ -12,8 +12,11 @@ articles), with the streamed engine the CLI runs:
    (block influence's dense scores, no compensation) on the same calibration.
 
 QA accuracy kept (lm-eval on the demo's offline tasks, a checkpoint written per row) with ``--qa``.
+Each row is printed as a JSON line when measured; the table at the end.
 
-    python benchmarks/compensation_ablation.py [--points 6 9] [--qa] [--json out.json]
+    python benchmarks/compensation_ablation.py [--points 6 9] [--parts layers ridge selection] [--qa]
+        [--compensations none magnitude fitted linear] [--pipelines METRIC:COMPENSATION ...]
+        [--calibration-samples N] [--json out.json]
 """
 
 from __future__ import annotations
@@ -67,8 +70,11 @@ class Setup:
     tied: bool
 
 
-def setup(scratch: Path, qa: bool) -> Setup:
-    recipe = load_recipe(DEMO, [("execution.memory_budget", None)])
+def setup(scratch: Path, qa: bool, samples: int | None) -> Setup:
+    overrides = [("execution.memory_budget", None)]
+    if samples is not None:
+        overrides.append(("calibration.num_samples", samples))
+    recipe = load_recipe(DEMO, overrides)
     if not qa:
         recipe = replace_qa(recipe)
     source = resolve_source(recipe.model)
@@ -140,11 +146,12 @@ def main() -> None:
         help="metric:compensation runs for the selection part",
     )  # fmt: skip
     parser.add_argument("--probe-batches", type=int, default=1, help="calibration batches compensated_loss scores on")
+    parser.add_argument("--calibration-samples", type=int, help="calibration windows (default: the demo's)")
     parser.add_argument("--json", type=Path, help="write every row here")
     args = parser.parse_args()
     torch.manual_seed(0)
     scratch = Path(ROOT / "outputs" / "ablation-scratch")
-    s = setup(scratch, args.qa)
+    s = setup(scratch, args.qa, args.calibration_samples)
     most = max(args.points)
     rows = [{"row": "dense", "layers_removed": 0, **measure(s, s.variants.dense, None)}]
     print(json.dumps(rows[0]), flush=True)

@@ -140,7 +140,57 @@ def test_onnxruntime_worker_times_an_exported_tiny_checkpoint(tmp_path):
     make_model("llama").save_pretrained(tmp_path / "ckpt")
     export_onnx(tmp_path / "ckpt", tmp_path / "onnx")
     job = _tiny_job("onnxruntime", tmp_path / "ckpt", onnx_path=str(tmp_path / "onnx" / ONNX_FILE))
-    _assert_timed(run_worker(job, sys.executable, timeout_s=300))
+    result = run_worker(job, sys.executable, timeout_s=300)
+    _assert_timed(result)
+    for name in ("p", "d", "t"):  # from ONNX Runtime's own profiler
+        assert 0 < result["scenarios"][name]["layer_share"] < 1
+
+    # each of the 6 layers exports the same nodes (layer 0 also computes what all layers share, e.g.
+    # the mask, the first time it is needed); the embedding and the head are outside every layer
+    from prunecomp_export.bench.layer_share import onnx_node_layers
+
+    layers = onnx_node_layers(tmp_path / "onnx" / ONNX_FILE)
+    per_layer = [sum(1 for i in layers.values() if i == k) for k in range(6)]
+    assert per_layer[1] > 10 and len(set(per_layer[1:])) == 1 and per_layer[0] >= per_layer[1], per_layer
+    assert sum(1 for i in layers.values() if i is None) > 0
+
+
+def test_ort_layer_share_by_hand():
+    from prunecomp_export.bench.layer_share import ort_layer_share
+
+    nodes = {"embed": None, "q0": 0, "mlp1": 1, "head": None}
+    events = [
+        {"cat": "Session", "name": "model_run", "dur": 100},
+        {"cat": "Node", "name": "embed_kernel_time", "dur": 5},
+        {"cat": "Node", "name": "q0_kernel_time", "dur": 30},
+        {"cat": "Node", "name": "q0_fence_before", "dur": 1000},  # not a kernel
+        {"cat": "Node", "name": "mlp1/MatMulScaleFusion/_kernel_time", "dur": 45},  # a fusion keeps its first node
+        {"cat": "Node", "name": "head_kernel_time", "dur": 20},
+    ]
+    assert ort_layer_share(events, nodes) == pytest.approx(75 / 100)
+    with pytest.raises(ValueError, match="not in the model"):
+        ort_layer_share([*events, {"cat": "Node", "name": "other_kernel_time", "dur": 1}], nodes)
+
+
+def test_each_runtime_gets_the_ideal_from_its_own_layer_share():
+    spec = BenchSpec(scenarios=[Scenario(name="p", kind="prefill")], repeats=5)
+    point = {"load_before": 0.0, "load_after": 0.0, "other_cpu": 0.0}
+
+    def timed(ms: float, share: float | None = None) -> dict:
+        figures = {"times_ms": [ms] * 5} | ({"layer_share": share} if share is not None else {})
+        return {**point, "scenarios": {"p": figures}}
+
+    raw = {
+        "torch": {0: timed(10.0, 0.8), 2: timed(8.0)},
+        "onnxruntime": {0: timed(10.0, 0.5), 2: timed(9.0)},
+        "vllm": {0: timed(10.0), 2: timed(9.5)},
+    }
+    rows = {r["runtime"]: r for r in summarise(spec, raw, 4, threads=1)["rows"] if r["layers_removed"] == 2}
+    assert rows["torch"]["ideal_speedup"] == pytest.approx(1 / (1 - 0.8 * 2 / 4))
+    assert rows["onnxruntime"]["ideal_speedup"] == pytest.approx(1 / (1 - 0.5 * 2 / 4))
+    assert rows["onnxruntime"]["layer_share_from"] == "onnxruntime"
+    assert rows["vllm"]["ideal_speedup"] == pytest.approx(1 / (1 - 0.8 * 2 / 4))  # PyTorch eager's share
+    assert rows["vllm"]["layer_share_from"] == "torch"
 
 
 def test_worker_reports_the_cpu_other_processes_used_meanwhile(tmp_path):

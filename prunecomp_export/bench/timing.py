@@ -6,9 +6,10 @@ other processes used while it ran (the report warns when that was high). Speedup
 dense median over the pruned median, measured in the same run on the same machine.
 
 The ideal: only the decoder layers shrink. With ``s`` the share of a dense run spent inside the
-decoder layers (timed with hooks in PyTorch eager, per scenario), removing ``k`` of ``L`` layers
-ideally gives ``1 / (1 - s * k / L)``. measured / ideal tells "the runtime did not deliver" from
-"the model is head-heavy" (a large embedding/LM head keeps ``s`` small).
+decoder layers, removing ``k`` of ``L`` layers ideally gives ``1 / (1 - s * k / L)``. Each runtime's
+``s`` is its own where it can be measured (PyTorch eager: hooks on the layers; ONNX Runtime: its
+profiler, ``layer_share.py``), per scenario; vLLM's is PyTorch eager's. measured / ideal then tells
+"the runtime did not deliver" from "the model is head-heavy" (a large LM head keeps ``s`` small).
 """
 
 from __future__ import annotations
@@ -243,21 +244,26 @@ def merge_rounds(previous: dict | None, result: dict) -> dict:
 
 def summarise(spec: BenchSpec, raw: dict[str, dict[int, dict]], num_layers: int, threads: int) -> dict:
     """Rows of median/spread, speedup against the dense run, and the ideal from the cost model."""
-    shares = {
-        name: result["layer_share"]
-        for name, result in raw.get("torch", {}).get(0, {}).get("scenarios", {}).items()
-        if "layer_share" in result
+    by_runtime = {
+        runtime: {
+            name: figures["layer_share"] for name, figures in points[0]["scenarios"].items() if "layer_share" in figures
+        }
+        for runtime, points in raw.items()
+        if 0 in points
     }
+    shares = by_runtime.get("torch", {})
     rows, loads, others = [], [], []
     for runtime, points in raw.items():
         dense = points[0]["scenarios"]
+        own = by_runtime.get(runtime, {})
         for k, result in sorted(points.items()):
             loads += [result["load_before"], result["load_after"]]
             others.append(result["other_cpu"])
             for scenario in spec.scenarios:
                 figures = stats(result["scenarios"][scenario.name]["times_ms"])
                 speedup = stats(dense[scenario.name]["times_ms"])["median_ms"] / figures["median_ms"]
-                share = shares.get(scenario.name)
+                source = runtime if scenario.name in own else "torch"
+                share = own.get(scenario.name, shares.get(scenario.name))
                 ideal = ideal_speedup(share, k, num_layers) if share is not None else None
                 rows.append(
                     {
@@ -268,6 +274,8 @@ def summarise(spec: BenchSpec, raw: dict[str, dict[int, dict]], num_layers: int,
                         **figures,
                         "speedup": speedup,
                         "ideal_speedup": ideal,
+                        "layer_share": share,
+                        "layer_share_from": source if share is not None else None,
                         "efficiency": speedup / ideal if ideal else None,
                         "tokens_per_s": scenario.batch * scenario.new_tokens / (figures["median_ms"] / 1000)
                         if scenario.kind == "throughput"
@@ -291,8 +299,10 @@ def summarise(spec: BenchSpec, raw: dict[str, dict[int, dict]], num_layers: int,
             "threads": threads,
             "process": "one fresh process per model, runtime and round",
             "speedup": "dense median / pruned median, same run",
-            "ideal": "1 / (1 - s*k/L), s = decoder-layer share of the dense PyTorch eager run per scenario",
+            "ideal": "1 / (1 - s*k/L), s = decoder-layer share of the runtime's own dense run per scenario "
+            "(PyTorch eager: layer hooks; ONNX Runtime: its profiler); PyTorch eager's for runtimes without one",
             "layer_share": shares,
+            "layer_share_by_runtime": by_runtime,
         },
         "rows": rows,
         "load_average": {"max": max(loads) if loads else None, "cores": cores},

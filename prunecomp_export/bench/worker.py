@@ -102,16 +102,25 @@ def run_torch(job: dict) -> dict:
 def run_onnxruntime(job: dict) -> dict:
     import onnxruntime as ort
 
+    from prunecomp_export.bench.layer_share import onnx_node_layers
     from prunecomp_export.targets.onnx import OrtDecoder
 
     options_threads = job["threads"]
     decoder = OrtDecoder(Path(job["onnx_path"]), ["CPUExecutionProvider"])
-    # Rebuild the session with pinned intra-op threads (OrtDecoder takes the runtime's defaults).
-    session_options = ort.SessionOptions()
-    session_options.intra_op_num_threads = options_threads
-    session_options.inter_op_num_threads = 1
-    session_options.log_severity_level = 3
-    decoder.session = ort.InferenceSession(job["onnx_path"], session_options, providers=["CPUExecutionProvider"])
+
+    def session(profile_prefix: str | None = None):
+        """Pinned intra-op threads (OrtDecoder takes the runtime's defaults); profiling on request."""
+        session_options = ort.SessionOptions()
+        session_options.intra_op_num_threads = options_threads
+        session_options.inter_op_num_threads = 1
+        session_options.log_severity_level = 3
+        if profile_prefix is not None:
+            session_options.enable_profiling = True
+            session_options.profile_file_prefix = profile_prefix
+        return ort.InferenceSession(job["onnx_path"], session_options, providers=["CPUExecutionProvider"])
+
+    decoder.session = session()
+    node_layers = onnx_node_layers(Path(job["onnx_path"]))
     vocab = job["vocab_size"]
     results = {}
     for scenario in job["scenarios"]:
@@ -147,8 +156,31 @@ def run_onnxruntime(job: dict) -> dict:
                         token, np.ones((ids.shape[0], length + t + 1)), np.full((ids.shape[0], 1), length + t), past
                     )
 
-        results[scenario["name"]] = {"times_ms": _timed(step, job["warmup"], job["repeats"])}
+        times = _timed(step, job["warmup"], job["repeats"])
+        share = _ort_layer_share(decoder, session, step, node_layers)
+        results[scenario["name"]] = {"times_ms": times, "layer_share": share}
     return {"runtime_version": ort.__version__, "threads": options_threads, "scenarios": results}
+
+
+def _ort_layer_share(decoder, session, step: Callable[[], None], node_layers: dict) -> float:
+    """The decoder layers' share of one step, from ONNX Runtime's profiler: the step runs twice on a
+    profiling session (same threads and graph optimisations) and only the second, warm, run counts."""
+    import tempfile
+
+    from prunecomp_export.bench.layer_share import ort_layer_share
+
+    timed = decoder.session
+    with tempfile.TemporaryDirectory(prefix="prunecomp-ort-profile-") as tmp:
+        decoder.session = session(str(Path(tmp) / "ort"))
+        try:
+            step()
+            step()
+            events = json.loads(Path(decoder.session.end_profiling()).read_text())
+        finally:
+            decoder.session = timed
+    runs = sorted(e["ts"] for e in events if e.get("name") == "model_run")
+    warm = runs[len(runs) // 2]  # the first model_run of the second step
+    return ort_layer_share([e for e in events if e.get("ts", 0) >= warm], node_layers)
 
 
 # ---------------------------------------------------------------------------------------------- vllm

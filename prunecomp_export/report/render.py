@@ -183,7 +183,12 @@ def bench_table(bench: dict) -> tuple[list[str], list[list[str]]]:
 def bench_notes(bench: dict) -> tuple[list[str], str]:
     """The busy-machine warnings, and one line on how the figures were taken."""
     protocol, load, other = bench["protocol"], bench["load_average"], bench.get("other_cpu", {})
-    shares = ", ".join(f"{name} {share:.2f}" for name, share in protocol.get("layer_share", {}).items())
+    by_runtime = protocol.get("layer_share_by_runtime") or {"torch": protocol.get("layer_share", {})}
+    shares = "; ".join(
+        f"{runtime}: " + ", ".join(f"{name} {share:.2f}" for name, share in figures.items())
+        for runtime, figures in by_runtime.items()
+        if figures
+    )
     busiest = "n/a" if load.get("max") is None else f"{load['max']:.1f}"
     others = "n/a" if other.get("max") is None else f"{other['max']:.2f}"
     how = (
