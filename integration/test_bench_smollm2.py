@@ -54,6 +54,13 @@ def test_bench_files_and_figures(bench_run):
             assert row["speedup"] == 1.0 and row["ideal_speedup"] == 1.0
     shares = bench["protocol"]["layer_share"]
     assert set(shares) == {"prefill", "decode", "throughput"} and all(0 < s < 1 for s in shares.values())
+    # every runtime's ideal comes from its own profile of the dense run (ONNX Runtime's profiler, hooks
+    # inside vLLM's worker), the share each row used is the one measured for its runtime
+    by_runtime = bench["protocol"]["layer_share_by_runtime"]
+    for row in rows:
+        assert row["layer_share_from"] == row["runtime"], row
+        assert row["layer_share"] == by_runtime[row["runtime"]][row["scenario"]]
+        assert 0 < row["layer_share"] <= 1
     results = json.loads((result.output / "results.json").read_text())
     assert results["bench"]["rows"] == rows
     check = results["signoff"]["checks"][0]

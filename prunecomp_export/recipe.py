@@ -116,7 +116,7 @@ class PruneSpec(Strict):
         "down projection of the last kept layer before the gap; none.",
     )
     ridge: float = Field(
-        1e-3, ge=0, description="Linear compensation: ridge towards the identity, relative to mean diag(M^T M)."
+        1e-4, ge=0, description="Linear compensation: ridge towards the identity, relative to mean diag(M^T M)."
     )
     probe_batches: int | None = Field(
         4,

@@ -154,6 +154,8 @@ def run_worker(job: dict, python: str, timeout_s: float, path_root: str | None =
         if job["runtime"] == "vllm":
             env.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{job['threads'] - 1}")
             env.setdefault("VLLM_HOST_IP", "127.0.0.1")
+        if path_root:  # also for the processes the runtime starts (vLLM's engine imports our hooks)
+            env["PYTHONPATH"] = os.pathsep.join(p for p in (path_root, env.get("PYTHONPATH")) if p)
         prefix = "import sys; " + (f"sys.path.insert(0, {path_root!r}); " if path_root else "")
         code = prefix + "from prunecomp_export.bench.worker import main; sys.exit(main(sys.argv[1]))"
         busy_before, own_before, started = _machine_busy_seconds(), _children_cpu_seconds(), time.monotonic()

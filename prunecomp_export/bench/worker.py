@@ -9,6 +9,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -186,9 +187,38 @@ def _ort_layer_share(decoder, session, step: Callable[[], None], node_layers: di
 # ---------------------------------------------------------------------------------------------- vllm
 
 
+def _install_layer_timer(model) -> int:
+    """Runs inside vLLM's worker (``LLM.apply_model``): hooks that add up the time spent in each
+    decoder layer, as PyTorch eager's bench does. Module-level so that it is pickled by reference."""
+    state = {"seconds": 0.0, "calls": 0, "started": []}
+
+    def pre(_module, _args):
+        state["started"].append(time.perf_counter())
+
+    def post(_module, _args, _output):
+        state["seconds"] += time.perf_counter() - state["started"].pop()
+        state["calls"] += 1
+
+    model._prunecomp_layer_timer = state
+    for layer in model.model.layers:
+        layer.register_forward_pre_hook(pre)
+        layer.register_forward_hook(post)
+    return len(model.model.layers)
+
+
+def _layer_timer(model) -> tuple[float, int]:
+    state = model._prunecomp_layer_timer
+    return state["seconds"], state["calls"]
+
+
 def run_vllm(job: dict) -> dict:
     """Timed through vLLM's own engine (``LLM.generate``), not HTTP. Prefill: one token generated;
-    decode: (time for 1+N tokens - time for 1) / N; throughput: the whole batched generation."""
+    decode: (time for 1+N tokens - time for 1) / N; throughput: the whole batched generation.
+    The decoder layers' share of each scenario is measured inside vLLM's worker, with hooks
+    installed through ``LLM.apply_model`` after the timed repeats (vLLM sends the hook functions to
+    its engine process by pickle, which it allows only with VLLM_ALLOW_INSECURE_SERIALIZATION: set
+    here, in this bench process, for our own two functions)."""
+    os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"
     from vllm import LLM, SamplingParams
 
     llm = LLM(
@@ -207,23 +237,48 @@ def run_vllm(job: dict) -> dict:
         params = SamplingParams(temperature=0.0, max_tokens=tokens, min_tokens=tokens, ignore_eos=True)
         llm.generate([{"prompt_token_ids": row.tolist()} for row in prompts], params, use_tqdm=False)
 
+    def layer_time(tokens_of: Callable[[], None]) -> tuple[float, float, int]:
+        """Wall seconds of one call, the seconds spent in decoder layers meanwhile, and layer calls."""
+        (seconds_before, calls_before), started = llm.apply_model(_layer_timer)[0], time.perf_counter()
+        tokens_of()
+        wall = time.perf_counter() - started
+        seconds, calls = llm.apply_model(_layer_timer)[0]
+        return wall, seconds - seconds_before, calls - calls_before
+
+    runs: dict[str, tuple[Callable[[], None], Callable[[], None] | None]] = {}
     for scenario in job["scenarios"]:
         kind, batch = scenario["kind"], scenario["batch"]
-        if kind == "prefill":
-            ids = _tokens(vocab, batch, scenario["prompt_len"])
-            times = _timed(lambda ids=ids: generate(ids, 1), job["warmup"], job["repeats"])
-        elif kind == "decode":
+        if kind == "decode":
             ids, extra = _tokens(vocab, batch, scenario["past_len"]), 16
-            one = _timed(lambda ids=ids: generate(ids, 1), job["warmup"], job["repeats"])
-            more = _timed(lambda ids=ids, extra=extra: generate(ids, 1 + extra), job["warmup"], job["repeats"])
+            first = partial(generate, ids, 1)
+            run = partial(generate, ids, 1 + extra)
+            one, more = (_timed(fn, job["warmup"], job["repeats"]) for fn in (first, run))
             times = [(b - a) / extra for a, b in zip(one, more, strict=True)]
+            runs[scenario["name"]] = (run, first)
         else:
             ids = _tokens(vocab, batch, scenario["prompt_len"])
-            times = _timed(lambda ids=ids, n=scenario["new_tokens"]: generate(ids, n), job["warmup"], job["repeats"])
+            run = partial(generate, ids, 1 if kind == "prefill" else scenario["new_tokens"])
+            times = _timed(run, job["warmup"], job["repeats"])
+            runs[scenario["name"]] = (run, None)
         results[scenario["name"]] = {"times_ms": times}
+    # hooks only after every timed repeat: the times above are vLLM's own
+    try:
+        hooked = llm.apply_model(_install_layer_timer)[0] > 0
+    except Exception as exc:  # e.g. the engine process cannot import this module: PyTorch eager's share is used
+        hooked, note = False, f"{type(exc).__name__}: {exc}"
+    else:
+        note = None
+    for name, (run, baseline) in runs.items() if hooked else ():
+        wall, inside, calls = layer_time(run)
+        if baseline is not None:  # decode: the extra tokens only, as timed
+            base_wall, base_inside, base_calls = layer_time(baseline)
+            wall, inside, calls = wall - base_wall, inside - base_inside, calls - base_calls
+        if calls > 0 and wall > 0:  # no calls: the layers did not run as modules (compiled); no share
+            results[name]["layer_share"] = min(1.0, inside / wall)
     import vllm
 
-    return {"runtime_version": vllm.__version__, "threads": job["threads"], "scenarios": results}
+    out = {"runtime_version": vllm.__version__, "threads": job["threads"], "scenarios": results}
+    return out if note is None else {**out, "layer_share_unavailable": note[:300]}
 
 
 RUNTIMES = {"torch": run_torch, "onnxruntime": run_onnxruntime, "vllm": run_vllm}
