@@ -307,8 +307,12 @@ def _output_map(streams: ResidualStreams, plan: Plan, index: int, count: int, ba
     stream after the removed layer(s). None when no layer precedes the gap."""
     if index == 0:
         return None
+    return _fit_output_map(streams, plan, index, count, batch_ids, streams.mlp_writes(index - 1, batch_ids))
+
+
+def _fit_output_map(streams, plan: Plan, index: int, count: int, batch_ids: list[int], writes) -> OutputMap:
+    """The map from the MLP writes ``(M, layer output)`` of current layer index-1, per batch."""
     after = [streams.cache.get(index + count, b) for b in batch_ids]
-    writes = streams.mlp_writes(index - 1, batch_ids)
     pairs = ((m, m + h_after - out) for (m, out), h_after in zip(writes, after, strict=True))
     return streams.variant.kept[index - 1], fit_output_map(pairs, plan.ridge).float().cpu()
 
@@ -321,9 +325,10 @@ def _removal_probe(streams: ResidualStreams, plan: Plan) -> RemovalProbe:
 
     def start(k: int) -> tuple[int, list[torch.Tensor]]:
         entering = [streams.cache.get(k, b) for b in batch_ids]
-        if plan.compensation == "linear" and (output_map := _output_map(streams, plan, k, 1, batch_ids)) is not None:
-            correction = output_map[1] - torch.eye(output_map[1].shape[0])  # M T = M + M (T - I)
-            writes = streams.mlp_writes(k - 1, batch_ids)
+        if plan.compensation == "linear" and k > 0:
+            writes = list(streams.mlp_writes(k - 1, batch_ids))  # one layer run serves the fit and the probe
+            _layer, t = _fit_output_map(streams, plan, k, 1, batch_ids, writes)
+            correction = t - torch.eye(t.shape[0])  # M T = M + M (T - I)
             return k + 1, [h + m @ correction.to(m) for h, (m, _out) in zip(entering, writes, strict=True)]
         alpha = _alpha(streams, plan, k, 1, batch_ids)
         return k + 1, [alpha * h for h in entering]

@@ -106,14 +106,16 @@ class ResidualStreams:
     def probe_losses(self, probes: list[tuple[int, list[torch.Tensor]]], batch_ids: list[int]) -> list[float]:
         """Calibration loss on the batches ``batch_ids`` of each probe ``(first, streams)``: streams that
         enter current layer ``first`` and run through the rest of the model. Each layer is materialised
-        once for all probes, so a streamed model reads its weights once per call."""
+        once for all probes (the head too), so a streamed model reads its weights once per call."""
         hidden = [list(streams) for _first, streams in probes]
         for j in range(min((first for first, _ in probes), default=self.num_layers), self.num_layers):
             with self.layer(j) as layer:
                 for p, (first, _streams) in enumerate(probes):
                     if first <= j:
                         hidden[p] = [self.apply(layer, j, b, h) for b, h in zip(batch_ids, hidden[p], strict=True)]
-        return [self.lm_loss(finals, batch_ids) for finals in hidden]
+        batches = [self.batches[b] for b in batch_ids]
+        with self.model.head(self.variant.embedding_scale, self.variant.untie) as logits_of:
+            return [mean_nll(logits_of, batches, finals) for finals in hidden]
 
     @torch.no_grad()
     def after_removal(
@@ -136,12 +138,17 @@ class ResidualStreams:
         streams entering the final norm."""
         finals = final_streams if final_streams is not None else self.boundary(self.num_layers)
         batches = self.batches if batch_ids is None else [self.batches[b] for b in batch_ids]
-        total, count = 0.0, 0
         with self.model.head(self.variant.embedding_scale, self.variant.untie) as logits_of:
-            for input_ids, hidden in zip(batches, finals, strict=True):
-                nll, n = token_nll(logits_of, hidden, input_ids)
-                total, count = total + nll, count + n
-        return total / count
+            return mean_nll(logits_of, batches, finals)
+
+
+def mean_nll(logits_of, batches: list[torch.Tensor], finals) -> float:
+    """Mean next-token NLL over every token of ``batches``, from the streams entering the final norm."""
+    total, count = 0.0, 0
+    for input_ids, hidden in zip(batches, finals, strict=True):
+        nll, n = token_nll(logits_of, hidden, input_ids)
+        total, count = total + nll, count + n
+    return total / count
 
 
 def token_nll(logits_of, hidden: torch.Tensor, input_ids: torch.Tensor, chunk: int = 256) -> tuple[float, int]:
