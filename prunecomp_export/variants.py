@@ -19,7 +19,7 @@ import torch
 from prunecomp_export.adapters import Adapter
 from prunecomp_export.engine.layerwise import LayerwiseModel, layer_output
 from prunecomp_export.engine.loop import Plan, Step, Trajectory, baseline_layers, steps_for, variant_of
-from prunecomp_export.engine.streams import token_nll
+from prunecomp_export.engine.streams import mean_nll
 from prunecomp_export.engine.variant import Variant, dense_variant, variant_after
 from prunecomp_export.source.weights import SafetensorsCheckpoint
 
@@ -73,13 +73,9 @@ class ModelVariants:
     def perplexity(self, variant: Variant, windows: torch.Tensor, batch_size: int) -> float:
         """Token perplexity over ``windows`` (the paper's protocol), exp of the mean next-token NLL."""
         batches = list(windows.split(batch_size))
-        total, count = 0.0, 0
         finals = self.final_streams(variant, batches)
         with self.model.head(variant.embedding_scale, variant.untie) as logits_of:
-            for input_ids, hidden in zip(batches, finals, strict=True):
-                nll, n = token_nll(logits_of, hidden, input_ids)
-                total, count = total + nll, count + n
-        return math.exp(total / count)
+            return math.exp(mean_nll(logits_of, batches, finals))
 
     # -- write as a checkpoint ------------------------------------------------------------------
     def write(self, variant: Variant, directory: Path, max_shard_size: int | str = "5GB") -> None:
