@@ -15,8 +15,9 @@ from pathlib import Path
 
 import click
 
+from prunecomp_export.child import interrupting_signals
 from prunecomp_export.errors import PrunecompError
-from prunecomp_export.output.outputdir import WRITE_ERRNOS, handle_sigterm, write_error_message
+from prunecomp_export.output.outputdir import WRITE_ERRNOS, write_error_message
 from prunecomp_export.registry import UnknownName
 
 CONTEXT = {"help_option_names": ["-h", "--help"]}
@@ -53,7 +54,7 @@ class _Where:
 def _one_line_errors(where: _Where) -> Iterator[None]:
     """What the user can act on ends as one line on stderr and an exit code, never a traceback."""
     try:
-        with handle_sigterm():
+        with interrupting_signals():
             yield
     except UnknownName as exc:
         _fail(f"--target: {exc}", 2)
@@ -68,6 +69,22 @@ def _one_line_errors(where: _Where) -> Iterator[None]:
         if exc.errno not in WRITE_ERRNOS:
             raise
         _fail(write_error_message(exc, where.out), 2)
+
+
+class MachineSpec(click.ParamType):
+    """``--machine cuda:24GB,host:32GB``: the machine a dry run plans for (``memory.Machine.parse``)."""
+
+    name = "cuda:SIZE,host:SIZE"
+
+    def convert(self, value, param, ctx):
+        from prunecomp_export.memory import Machine
+
+        if not isinstance(value, str):
+            return value
+        try:
+            return Machine.parse(value)
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
 
 
 @main.command("run", context_settings=CONTEXT)
@@ -89,6 +106,12 @@ def _one_line_errors(where: _Where) -> Iterator[None]:
     "--serve", is_flag=True, help="After the run, serve the pruned model with vLLM's OpenAI server (Ctrl-C stops)."
 )
 @click.option("--bench", is_flag=True, help="Time dense and pruned models on each runtime (bench.json, report).")
+@click.option(
+    "--machine",
+    type=MachineSpec(),
+    help="With --dry-run: plan every stage's memory for this machine instead of this one, e.g. "
+    "cuda:24GB,host:32GB (a GPU with 24 GB free, 32 GB of host memory) or host:16GB.",
+)
 def run_command(
     recipe: str,
     targets: tuple[str, ...],
@@ -97,8 +120,11 @@ def run_command(
     dry_run: bool,
     serve: bool,
     bench: bool,
+    machine,
 ) -> None:
     """Prune whole decoder layers with Prune&Comp and export the smaller model (the default command)."""
+    if machine is not None and not dry_run:
+        raise click.UsageError("--machine plans for another machine: it needs --dry-run")
     from rich.console import Console
 
     from prunecomp_export import pipeline
@@ -118,7 +144,7 @@ def run_command(
         loaded = load_recipe(recipe, [*overrides, *values])
         where.out = Path(loaded.output.dir)
         if dry_run:
-            summary.print_dry_run(pipeline.dry_run(loaded, names, bench=bench), console)
+            summary.print_dry_run(pipeline.dry_run(loaded, names, bench=bench, machine=machine), console)
             return
         # a terminal gets progress bars; a pipeline's log gets one plain, timestamped line per event
         reporter = RichReporter() if sys.stderr.isatty() else Reporter()
@@ -128,9 +154,7 @@ def run_command(
             from prunecomp_export.targets import vllm
 
             options = vllm.Options.model_validate(loaded.targets.get("vllm", {}))
-            code = vllm.serve(result.output / "checkpoint", options)
-            if code not in (0, 130, -2):
-                _fail(f"the vLLM server exited with code {code}", 1)
+            _server_exit(vllm.serve(result.output / "checkpoint", options))
         if not result.signoff_passed:
             sys.exit(1)
 
@@ -195,8 +219,7 @@ def serve(out: str, host: str | None, port: int | None) -> None:
 
     with _one_line_errors(_Where()):
         code = serve_output(out, host, port)
-    if code not in (0, 130, -2):
-        _fail(f"the vLLM server exited with code {code}", 1)
+    _server_exit(code)
 
 
 @main.command(context_settings=CONTEXT)
@@ -221,6 +244,17 @@ def bench(out: str) -> None:
     click.echo(f"wrote {Path(out) / 'bench.json'}")
     if not results.signoff.passed:
         sys.exit(1)
+
+
+def _server_exit(code: int) -> None:
+    """The vLLM server's end as the command's: a stop the user asked for (Ctrl-C, SIGTERM) is a normal
+    stop, 130; any other non-zero exit of the server is a failure."""
+    from prunecomp_export.targets.vllm import INTERRUPTED
+
+    if code == INTERRUPTED:
+        sys.exit(INTERRUPTED)
+    if code != 0:
+        _fail(f"the vLLM server exited with code {code}", 1)
 
 
 def _fail(message: str, code: int) -> None:

@@ -114,8 +114,8 @@ def verify_output(path: str | Path, device: str | None = None) -> Verification:
         result.reload_skipped = check
         return result
     try:
-        result.reload, _peak = check.run(output.path, device)
-    except (PrunecompError, RuntimeError) as exc:  # RuntimeError: the child could not load the checkpoint
+        result.reload = check.run(output.path, device)
+    except PrunecompError as exc:  # ChildFailed too: the child could not load the checkpoint
         result.problems.append(f"reload check: {' '.join(str(exc).split())}")
     return result
 
@@ -138,12 +138,12 @@ def export_targets(path: str | Path, names: list[str], log) -> dict[str, dict]:
         current = open_output(stage)  # read under the lock
         for name in options:
             shutil.rmtree(stage / "targets" / name, ignore_errors=True)
-        builds = build_targets(options, stage / "checkpoint", stage, log)
-        targets = {**(current.manifest.get("targets") or {}), **builds.records}
+        records = build_targets(options, stage / "checkpoint", stage, log)
+        targets = {**(current.manifest.get("targets") or {}), **records}
         results = read_results(stage / "results.json")
         write_reports(results.model_copy(update={"targets": deployed_targets(targets)}), stage)
         write_manifest(stage, {**current.manifest, "targets": targets})
-    return builds.records
+    return records
 
 
 # --- serve ---------------------------------------------------------------------------------------
@@ -177,8 +177,7 @@ def source_directory(output: ExistingOutput, log) -> Path:
     recorded = (output.manifest.get("source_model") or {}).get("sha256")
     if identity["sha256"] != recorded:
         raise ModelError(f"{source.description}: not the model this output was pruned from (its sha256 differs)")
-    directory, _peak = local_checkpoint(source, spec, identity, log)
-    return directory
+    return local_checkpoint(source, spec, identity, log)
 
 
 def bench_output(path: str | Path, reporter: Reporter):

@@ -36,5 +36,12 @@ class ValidationFailed(PrunecompError):
     exit_code = 1
 
 
+class StageFailed(PrunecompError):
+    """A stage could not finish for a reason that is not the input: a crash, a timeout, a signal in a
+    child process. The message names the log that holds the details."""
+
+    exit_code = 3
+
+
 class NotAnOutput(PrunecompError):
     """A path given to a stage command (verify, export, serve, bench) is not an output of this tool."""

@@ -25,11 +25,12 @@ from typing import Any
 from prunecomp_export.adapters import Adapter, adapter_for
 from prunecomp_export.bench.timing import benchmark, onnx_exporter, require_runtimes, runtimes_for, speedups_at
 from prunecomp_export.costs import CostMeter, StageCost
-from prunecomp_export.engine.execution import Placement, check_cache_dir, plan_placement, resolve_device
+from prunecomp_export.engine.execution import Placement, resolve_device
 from prunecomp_export.engine.layerwise import trim_host_memory
 from prunecomp_export.engine.loop import Plan, Trajectory, make_plan, prune
 from prunecomp_export.errors import RecipeError
 from prunecomp_export.evaluation.evaluator import DenseCache, Evaluator, Measurement
+from prunecomp_export.memory import RELOAD, Machine, MemoryPlan, ModelShape, make_memory_plan
 from prunecomp_export.output.checkpoint import ReloadCheck, dtype_name, write_verification_sample
 from prunecomp_export.output.manifest import write_manifest
 from prunecomp_export.output.outputdir import OutputLock, check_output_dir, staged_output
@@ -40,6 +41,7 @@ from prunecomp_export.report.results import (
     SCHEMA,
     Execution,
     MeasurementRow,
+    MemoryPlanRecord,
     ModelInfo,
     RunResults,
     Summary,
@@ -93,6 +95,7 @@ class Checked:
     adapter: Adapter
     tied: bool
     plan: Plan
+    memory: MemoryPlan
     target_options: dict[str, Any]
     runtimes: list[str]
     output: Path
@@ -104,6 +107,7 @@ class DryRunResult:
     num_layers: int
     tied_embeddings: bool
     plan: Plan
+    memory: MemoryPlan
     targets: list[str]
 
 
@@ -120,11 +124,11 @@ class Loaded:
     placement: Placement
 
 
-def preflight(recipe: Recipe, targets: list[str], bench: bool = False) -> Checked:
+def preflight(recipe: Recipe, targets: list[str], bench: bool = False, machine: Machine | None = None) -> Checked:
     """Everything that can be checked without weights: source, architecture, plan, corpora, target
-    options, bench runtimes."""
+    options, bench runtimes, and the memory plan of every stage (for ``machine``, default this one)."""
     output = Path(recipe.output.dir)
-    source = resolve_source(recipe.model)
+    source = resolve_source(recipe.model, require_weights=machine is None)
     protected = [Path(source.location), *source.files] if source.local else []
     check_output_dir(output, overwrite=recipe.output.overwrite, protected=protected)
     config = load_config(source, recipe.model)
@@ -140,15 +144,31 @@ def preflight(recipe: Recipe, targets: list[str], bench: bool = False) -> Checke
     options = {name: validated_options(name, recipe.targets.get(name, {})) for name in targets}
     runtimes = runtimes_for(recipe.bench, targets) if bench else []
     require_runtimes(runtimes)
-    resolve_device(recipe.execution)
-    check_cache_dir(recipe.execution)
-    return Checked(recipe, source, config, adapter, tied, plan, options, runtimes, output)
+    memory = memory_plan(recipe, config, adapter, targets, bench, machine)
+    return Checked(recipe, source, config, adapter, tied, plan, memory, options, runtimes, output)
 
 
-def dry_run(recipe: Recipe, targets: list[str], bench: bool = False) -> DryRunResult:
-    checked = preflight(recipe, targets, bench)
+def memory_plan(recipe: Recipe, config, adapter: Adapter, targets: list[str], bench: bool, machine: Machine | None):
+    """The memory plan of every stage (``memory.py``), refused in one line when a stage cannot fit."""
+    if machine is None:
+        machine = Machine.here(resolve_device(recipe.execution))
+    elif recipe.execution.device not in ("auto", machine.device.partition(":")[0]):
+        raise RecipeError(
+            f"{recipe.execution.device!r} does not match the machine planned for ({machine.device})",
+            key="execution.device",
+        )
+    shape = ModelShape.from_config(config, adapter, compute_dtype(recipe.model, config))
+    memory = make_memory_plan(recipe, shape, machine, targets=targets, bench=bench)
+    memory.check()
+    return memory
+
+
+def dry_run(recipe: Recipe, targets: list[str], bench: bool = False, machine: Machine | None = None) -> DryRunResult:
+    checked = preflight(recipe, targets, bench, machine)
     config = checked.config
-    return DryRunResult(config.model_type, config.num_hidden_layers, checked.tied, checked.plan, targets)
+    return DryRunResult(
+        config.model_type, config.num_hidden_layers, checked.tied, checked.plan, checked.memory, targets
+    )
 
 
 def run(recipe: Recipe, targets: list[str], reporter: Reporter | None = None, bench: bool = False) -> RunResult:
@@ -164,13 +184,13 @@ def run(recipe: Recipe, targets: list[str], reporter: Reporter | None = None, be
         with meter.stage("prune") as cost:
             trajectory = _prune(checked, loaded, reporter, cost)
             trim_host_memory()
-        with meter.stage("evaluate") as cost:
+        with meter.stage("evaluate"):
             measurements = _evaluate(checked, loaded, trajectory, reporter)
-            cost.child_peak_rss_bytes = loaded.evaluator.child_peak_rss_bytes or None
         with meter.stage("save") as cost:
             checkpoint, verification = _save(checked, loaded, trajectory, stage, reporter, cost)
-        with meter.stage("targets") as cost:
-            target_records = _targets(checked, checkpoint, stage, reporter, cost)
+        with meter.stage("targets"):
+            loaded.variants.model.release()
+            target_records = _targets(checked, checkpoint, stage, reporter)
         bench_results = None
         if bench:
             with meter.stage("bench"):
@@ -199,42 +219,37 @@ def run(recipe: Recipe, targets: list[str], reporter: Reporter | None = None, be
 def _load(checked: Checked, stage: Path, reporter: Reporter, cost) -> Loaded:
     """The source as plain safetensors, the tokenizer, the token windows and the layer-by-layer
     model, placed by the memory budget."""
-    import torch
 
-    from prunecomp_export.engine.layerwise import LayerwiseModel, slice_bytes
+    from prunecomp_export.engine.layerwise import LayerwiseModel
     from prunecomp_export.source.weights import SafetensorsCheckpoint
     from prunecomp_export.variants import ModelVariants
 
     recipe = checked.recipe
     reporter.log(f"stage load: {checked.source.description}")
     identity = source_identity(checked.source)
-    directory, child_peak = local_checkpoint(checked.source, recipe.model, identity, reporter.log)
-    cost.child_peak_rss_bytes = child_peak
+    directory = local_checkpoint(checked.source, recipe.model, identity, reporter.log)
     tokenizer = load_tokenizer(directory, recipe.model)
     windows = calibration.calibration_windows(recipe.calibration, tokenizer)
     batches = list(windows.split(recipe.calibration.batch_size))
-    evaluator = Evaluator(recipe.evaluation, tokenizer, reporter)
+    evaluator = Evaluator(recipe.evaluation, tokenizer, reporter, checked.memory)
 
     device = resolve_device(recipe.execution)
     dtype = compute_dtype(recipe.model, checked.config)
     files = SafetensorsCheckpoint(directory)
     # the local checkpoint's own config: for GGUF it is what transformers wrote when dequantising
     config = load_config(ResolvedSource(str(directory), None, True, f"dir:{directory}"), recipe.model)
-    weights_bytes, largest = slice_bytes(files, checked.adapter, dtype)
-    element = torch.empty((), dtype=dtype).element_size()
-    cache_bytes = (checked.plan.num_layers + 1) * windows.numel() * config.hidden_size * element
-    placement = plan_placement(
-        recipe.execution, device, weights_bytes=weights_bytes, largest_slice_bytes=largest, cache_bytes=cache_bytes
-    )
+    memory = checked.memory
+    placement = memory.placement
     model = LayerwiseModel(
         files, config, checked.adapter, device, dtype, resident=placement.weights_resident,
-        attn_implementation=recipe.model.attn_implementation,
+        attn_implementation=recipe.model.attn_implementation, logits_chunk=memory.logits_chunk,
     )  # fmt: skip
     cost.notes.update(placement.describe())
     reporter.log(
         f"stage load: {device}, {dtype}; weights {placement.describe()['weights']} "
-        f"({weights_bytes / 1e9:.2f} GB), stream cache on {placement.cache} ({cache_bytes / 1e9:.2f} GB), "
-        f"budget {placement.budget_bytes / 1e9:.2f} GB"
+        f"({placement.weights_bytes / 1e9:.2f} GB), stream cache on {placement.cache} "
+        f"({placement.cache_bytes / 1e9:.2f} GB), budget {placement.budget_bytes / 1e9:.2f} GB, "
+        f"head in chunks of {memory.logits_chunk} tokens"
     )
     variants = ModelVariants(directory, files, config, checked.adapter, model, checked.plan, stage / ".scratch")
     return Loaded(variants, tokenizer, identity, batches, windows[:2, :64], evaluator, placement)
@@ -265,9 +280,14 @@ def _save(checked: Checked, loaded: Loaded, trajectory: Trajectory, stage: Path,
     variants.write(final, checkpoint, recipe.output.max_shard_size)
     if not recipe.output.verify:
         return checkpoint, None
-    check = ReloadCheck(dtype_name(variants.model.dtype), recipe.model.attn_implementation, str(variants.model.device))
+    load = checked.memory.stage(RELOAD).load
+    check = ReloadCheck(
+        dtype_name(variants.model.dtype), recipe.model.attn_implementation, str(variants.model.device),
+        max_memory=None if load is None else load.max_memory,
+    )  # fmt: skip
     write_verification_sample(stage / check.sample_file, loaded.sample, variants.logits(final, loaded.sample))
-    verification, cost.child_peak_rss_bytes = check.run(stage)
+    variants.model.release()  # the reload check's child gets the memory this process held
+    verification = check.run(stage, scratch=variants.scratch)
     return checkpoint, {**verification, "check": check.to_json()}
 
 
@@ -289,31 +309,27 @@ def _evaluate(checked: Checked, loaded: Loaded, trajectory: Trajectory, reporter
         loaded.identity["sha256"], {**evaluator.protocol(), "dtype": str(variants.model.dtype)},
         recipe.evaluation.cache_dense,
     )  # fmt: skip
-    rows = cache.load()
-    if rows is not None:
+    dense = cache.load()
+    if dense is not None:
         reporter.log(f"dense results reused from {cache.path}")
-    else:
-        rows = evaluator.evaluate(variants, variants.dense)
-        cache.store(rows)
-    points = _trajectory_points(recipe, plan)
-    for k in [*points, plan.num_drop]:
+    models = [] if dense is not None else [variants.dense]
+    for k in [*_trajectory_points(recipe, plan), plan.num_drop]:
         variant = variants.prunecomp(trajectory, k)
         if variant is None:
             reporter.log(f"no checkpoint with {k} layers removed in a {trajectory.schedule} run; skipped")
             continue
-        rows += evaluator.evaluate(variants, variant)
-        if recipe.evaluation.baseline:
-            rows += evaluator.evaluate(variants, variants.baseline(trajectory, k))
-    return rows
+        models += [variant, variants.baseline(trajectory, k)] if recipe.evaluation.baseline else [variant]
+    rows = evaluator.evaluate(variants, models)
+    if dense is None:
+        dense = [row for row in rows if row.variant == "dense"]
+        cache.store(dense)
+        rows = [row for row in rows if row.variant != "dense"]
+    return dense + rows
 
 
-def _targets(checked: Checked, checkpoint: Path, stage: Path, reporter: Reporter, cost) -> dict[str, dict]:
+def _targets(checked: Checked, checkpoint: Path, stage: Path, reporter: Reporter) -> dict[str, dict]:
     """Each target built from the written checkpoint in a child process of its own."""
-    builds = build_targets(checked.target_options, checkpoint, stage, reporter.log)
-    for name, peak in builds.peak_rss_bytes.items():
-        cost.notes[f"{name}_child_peak_rss_bytes"] = peak
-    cost.child_peak_rss_bytes = max(builds.peak_rss_bytes.values(), default=None)
-    return builds.records
+    return build_targets(checked.target_options, checkpoint, stage, reporter.log)
 
 
 def _bench(checked: Checked, loaded: Loaded, trajectory: Trajectory, checkpoint: Path, stage: Path, reporter) -> dict:
@@ -369,6 +385,7 @@ def _results(
             recipe.signoff, rows, final, speedups_at(bench_results, final) if bench_results else None
         ),
         execution=Execution.model_validate(loaded.placement.describe()),
+        memory_plan=MemoryPlanRecord.model_validate(checked.memory.to_json()),
         targets=deployed_targets(target_records),
         costs=meter.stages,
         peak_rss_bytes=meter.process_peak_rss_bytes(),

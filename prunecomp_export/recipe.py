@@ -172,7 +172,19 @@ class QASpec(Strict):
         description="lm-eval task names; the gensim_* tasks are built offline, others need their datasets.",
     )
     limit: int | None = Field(None, gt=0, description="Questions per task (None: all).")
-    batch_size: int = Field(8, gt=0)
+    batch_size: int = Field(8, gt=0, description="lm-eval's batch size (hf: lowered by the memory plan to fit).")
+    backend: Literal["hf", "vllm"] = Field(
+        "hf",
+        description="hf: lm-eval's transformers model within the memory plan (offloading what does not fit); "
+        "vllm: lm-eval's vLLM model, for models larger than one device (tensor_parallel_size).",
+    )
+    max_length: int = Field(
+        2048,
+        ge=16,
+        description="Longest context lm-eval feeds the model, in tokens (longer ones are cut from the left); "
+        "the memory plan sizes QA batches for it. At most the model's max_position_embeddings.",
+    )
+    tensor_parallel_size: int = Field(1, ge=1, description="backend vllm: GPUs the model is split across.")
 
 
 class EvaluationSpec(Strict):
@@ -269,8 +281,15 @@ class ExecutionSpec(Strict):
     device: str = Field("auto", description="auto (CUDA when present, else CPU), cpu, cuda or cuda:N.")
     memory_budget: int | str | None = Field(
         None,
-        description="Memory the resident weights and the stream cache may use on the device (host memory on CPU), "
-        "e.g. 40GB. Default: 80% of the free device memory, or half the available host memory on CPU.",
+        description="Memory every stage may use on the device (host memory on CPU) for weights, streams, "
+        "activations and logits, e.g. 40GB: the memory plan (shown by --dry-run). Default: 80% of the free "
+        "device memory, or half the available host memory on CPU.",
+    )
+    host_memory_budget: int | str | None = Field(
+        None,
+        description="GPU runs: host memory the stages may use beside the device (a stream cache in host memory, "
+        "weights a child offloads from the device), e.g. 64GB. Default: half the available host memory. On CPU "
+        "the host is the device: memory_budget covers both.",
     )
     weights: Literal["auto", "resident", "streamed"] = Field(
         "auto", description="Keep every weight on the device, or read each layer from the files when it runs."
@@ -288,7 +307,7 @@ class ExecutionSpec(Strict):
             raise ValueError(f"{value!r} is not a device: use auto, cpu, cuda or cuda:N")
         return value
 
-    @field_validator("memory_budget")
+    @field_validator("memory_budget", "host_memory_budget")
     @classmethod
     def _budget_is_a_size(cls, value: int | str | None) -> int | str | None:
         if value is not None:

@@ -66,8 +66,11 @@ class ModelVariants:
     @torch.no_grad()
     def logits(self, variant: Variant, input_ids: torch.Tensor) -> torch.Tensor:
         (hidden,) = self.final_streams(variant, [input_ids])
+        flat = hidden.reshape(-1, hidden.shape[-1])
+        chunk = self.model.logits_chunk
         with self.model.head(variant.embedding_scale, variant.untie) as logits_of:
-            return logits_of(hidden).cpu()
+            parts = [logits_of(flat[start : start + chunk]).cpu() for start in range(0, flat.shape[0], chunk)]
+        return torch.cat(parts).reshape(*hidden.shape[:-1], -1)
 
     @torch.no_grad()
     def perplexity(self, variant: Variant, windows: torch.Tensor, batch_size: int) -> float:
@@ -75,7 +78,7 @@ class ModelVariants:
         batches = list(windows.split(batch_size))
         finals = self.final_streams(variant, batches)
         with self.model.head(variant.embedding_scale, variant.untie) as logits_of:
-            return math.exp(mean_nll(logits_of, batches, finals))
+            return math.exp(mean_nll(logits_of, batches, finals, self.model.logits_chunk))
 
     # -- write as a checkpoint ------------------------------------------------------------------
     def write(self, variant: Variant, directory: Path, max_shard_size: int | str = "5GB") -> None:

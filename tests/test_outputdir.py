@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from prunecomp_export.child import interrupting_signals
 from prunecomp_export.errors import RecipeError
 from prunecomp_export.output import outputdir
 from prunecomp_export.output.outputdir import (
@@ -21,7 +22,6 @@ from prunecomp_export.output.outputdir import (
     OutputLock,
     check_output_dir,
     exchange,
-    handle_sigterm,
     staged_output,
     write_error_message,
 )
@@ -339,9 +339,10 @@ def test_stale_staging_of_dead_runs_is_removed(tmp_path):
 STAGER = """
 import sys, time
 from pathlib import Path
-from prunecomp_export.output.outputdir import handle_sigterm, staged_output
+from prunecomp_export.child import interrupting_signals
+from prunecomp_export.output.outputdir import staged_output
 try:
-    with handle_sigterm(), staged_output(Path(sys.argv[1]), overwrite=True) as stage:
+    with interrupting_signals(), staged_output(Path(sys.argv[1]), overwrite=True) as stage:
         (stage / "marker").write_text("half")
         print(stage, flush=True)
         time.sleep(120)
@@ -373,12 +374,12 @@ def test_a_killed_run_leaves_stale_staging_that_the_next_run_removes(tmp_path):
     assert (final / "marker").read_text() == "new" and leftovers(final) == []
 
 
-# --- handle_sigterm, write errors ----------------------------------------------------------------------
+# --- interrupting_signals, write errors ----------------------------------------------------------------------
 
 
 @pytest.fixture
 def sigterm_guard():
-    """A SIGTERM handler that only records, so a missing handle_sigterm fails the test, not pytest."""
+    """A SIGTERM handler that only records, so a missing interrupting_signals fails the test, not pytest."""
     received = []
 
     def guard(signum, frame):
@@ -389,8 +390,8 @@ def sigterm_guard():
     signal.signal(signal.SIGTERM, previous)
 
 
-def test_handle_sigterm_raises_keyboard_interrupt_and_restores_the_handler(sigterm_guard):
-    with pytest.raises(KeyboardInterrupt), handle_sigterm():
+def test_sigterm_raises_keyboard_interrupt_and_the_handler_is_restored(sigterm_guard):
+    with pytest.raises(KeyboardInterrupt), interrupting_signals():
         os.kill(os.getpid(), signal.SIGTERM)  # the handler runs before the next line
         raise AssertionError("SIGTERM did not interrupt")
     assert signal.getsignal(signal.SIGTERM) is sigterm_guard

@@ -115,7 +115,7 @@ class ResidualStreams:
                         hidden[p] = [self.apply(layer, j, b, h) for b, h in zip(batch_ids, hidden[p], strict=True)]
         batches = [self.batches[b] for b in batch_ids]
         with self.model.head(self.variant.embedding_scale, self.variant.untie) as logits_of:
-            return [mean_nll(logits_of, batches, finals) for finals in hidden]
+            return [mean_nll(logits_of, batches, finals, self.model.logits_chunk) for finals in hidden]
 
     @torch.no_grad()
     def after_removal(
@@ -139,23 +139,29 @@ class ResidualStreams:
         finals = final_streams if final_streams is not None else self.boundary(self.num_layers)
         batches = self.batches if batch_ids is None else [self.batches[b] for b in batch_ids]
         with self.model.head(self.variant.embedding_scale, self.variant.untie) as logits_of:
-            return mean_nll(logits_of, batches, finals)
+            return mean_nll(logits_of, batches, finals, self.model.logits_chunk)
 
 
-def mean_nll(logits_of, batches: list[torch.Tensor], finals) -> float:
-    """Mean next-token NLL over every token of ``batches``, from the streams entering the final norm."""
+def mean_nll(logits_of, batches: list[torch.Tensor], finals, chunk: int) -> float:
+    """Mean next-token NLL over every token of ``batches``, from the streams entering the final norm,
+    the head applied to ``chunk`` tokens at a time."""
     total, count = 0.0, 0
     for input_ids, hidden in zip(batches, finals, strict=True):
-        nll, n = token_nll(logits_of, hidden, input_ids)
+        nll, n = token_nll(logits_of, hidden, input_ids, chunk)
         total, count = total + nll, count + n
     return total / count
 
 
-def token_nll(logits_of, hidden: torch.Tensor, input_ids: torch.Tensor, chunk: int = 256) -> tuple[float, int]:
+def next_token_positions(hidden: torch.Tensor, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every position that predicts a next token, flattened (tokens x hidden), and the tokens it predicts."""
+    return hidden[:, :-1].reshape(-1, hidden.shape[-1]), input_ids.to(hidden.device)[:, 1:].reshape(-1)
+
+
+def token_nll(logits_of, hidden: torch.Tensor, input_ids: torch.Tensor, chunk: int) -> tuple[float, int]:
     """Sum of next-token NLL (fp32) and the token count. The logits are made ``chunk`` positions at a
-    time: a 128k-token vocabulary makes a batch's logits far larger than its stream."""
-    targets = input_ids.to(hidden.device)[:, 1:].reshape(-1)
-    positions = hidden[:, :-1].reshape(-1, hidden.shape[-1])
+    time (the memory plan sizes it): a 128k-token vocabulary makes a batch's logits far larger than
+    its stream."""
+    positions, targets = next_token_positions(hidden, input_ids)
     total = 0.0
     for start in range(0, positions.shape[0], chunk):
         logits = logits_of(positions[start : start + chunk])

@@ -367,12 +367,20 @@ def evaluate_qa(
     dtype: str = "float32",
     task_dir: Path | None = None,
     seed: int = DEFAULT_SEED,
+    backend: str = "hf",
+    max_length: int | None = None,
+    max_memory: dict[str, int] | None = None,
+    offload_folder: str | None = None,
+    vllm_engine: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Zero-shot accuracy of the HF checkpoint in ``model_dir`` on ``tasks`` via ``lm_eval.simple_evaluate``.
 
     ``limit`` caps the questions per task (lm-eval takes the first N; our offline tasks are pre-shuffled).
-    Returns ``{task: TaskScore, ..., "protocol": {...}}``; the protocol records what makes two runs
-    comparable (lm-eval version, shots, limit, batch size, dtype, offline data version and seed).
+    ``backend`` is lm-eval's model: ``hf`` (transformers; with ``max_memory`` placed by accelerate's
+    big-model inference, what does not fit offloaded into ``offload_folder``) or ``vllm`` (its engine
+    arguments in ``vllm_engine``, e.g. tensor_parallel_size). Returns ``{task: TaskScore, ...,
+    "protocol": {...}}``; the protocol records what makes two runs comparable (backend, lm-eval
+    version, shots, limit, batch size, dtype, offline data version and seed).
     """
     _require_lm_eval()
     tasks = list(dict.fromkeys(tasks))
@@ -382,16 +390,26 @@ def evaluate_qa(
 
     import lm_eval
 
+    model_args: dict[str, Any] = {"pretrained": str(model_dir), "dtype": dtype}
+    if backend == "vllm":
+        model_args.update({"max_model_len": max_length, **(vllm_engine or {})})
+    else:
+        model_args["max_length"] = max_length
+        if max_memory is not None:
+            gpu = next((value for key, value in max_memory.items() if key != "cpu"), None)
+            model_args.update(parallelize=True, max_cpu_memory=max_memory.get("cpu"), offload_folder=offload_folder)
+            if gpu is not None:
+                model_args["max_memory_per_gpu"] = gpu
     start = time.perf_counter()
     output = lm_eval.simple_evaluate(
-        model="hf",
-        model_args={"pretrained": str(model_dir), "dtype": dtype},
+        model=backend,
+        model_args={key: value for key, value in model_args.items() if value is not None},
         tasks=tasks,
         task_manager=task_manager,
         num_fewshot=0,
         limit=limit,
         batch_size=batch_size,
-        device=device,
+        device=device if backend == "hf" else None,
         log_samples=True,
     )
     seconds = time.perf_counter() - start
@@ -402,13 +420,16 @@ def evaluate_qa(
     offline = [name for name in tasks if name in OFFLINE_TASKS]
     result["protocol"] = {
         "harness": "lm-evaluation-harness",
+        "backend": backend,
         "lm_eval_version": _lm_eval_version(),
         "num_fewshot": 0,
         "chat_template": False,
         "limit": limit,
         "batch_size": batch_size,
+        "max_length": max_length,
         "device": device,
         "dtype": dtype,
+        "placement": {"max_memory": max_memory} if max_memory is not None else None,
         "model_dir": str(model_dir),
         "task_versions": {name: output.get("versions", {}).get(name) for name in tasks},
         "offline_tasks": {

@@ -63,18 +63,23 @@ def sha256_tree(directory: Path) -> dict[str, str]:
 def verify_reload(
     directory: Path, sample: torch.Tensor, expected_logits: torch.Tensor, *, dtype: torch.dtype,
     attn_implementation: str | None = None, device: str = "cpu", new_tokens: int = 8,
+    max_memory: dict[str, int] | None = None, offload_folder: str | None = None,
 ) -> dict:  # fmt: skip
     """Reload the written checkpoint with AutoModelForCausalLM, as a user would, and check (1) its
     logits on ``sample`` equal ``expected_logits`` (what the engine computed for this variant from
     the source files) and are finite, and (2) decoding with the KV cache gives the logits of a full
     forward (a stale attention ``layer_idx`` reads another layer's cache). (2) feeds the tokens of
     an uncached greedy generation step by step; whether cached greedy generation picks the same
-    tokens is recorded too, but in bf16 a near-tie may flip, so it is not a failure there."""
+    tokens is recorded too, but in bf16 a near-tie may flip, so it is not a failure there.
+
+    With ``max_memory`` (the memory plan's, per device) the model is placed by accelerate's big-model
+    inference, what does not fit offloaded into ``offload_folder``: still transformers' own reload."""
     from transformers import AutoModelForCausalLM
 
+    placed = {"device_map": device} if max_memory is None else accelerate_placement(max_memory, offload_folder)
     with torch.no_grad():
         reloaded = AutoModelForCausalLM.from_pretrained(
-            directory, dtype=dtype, attn_implementation=attn_implementation, device_map=device
+            directory, dtype=dtype, attn_implementation=attn_implementation, **placed
         ).eval()
         got = reloaded(input_ids=sample.to(device), use_cache=False).logits.float().cpu()
         expected = expected_logits.float()
@@ -128,6 +133,13 @@ def write_verification_sample(path: Path, sample: torch.Tensor, expected_logits:
         save_file({"sample": sample.contiguous(), "expected": expected_logits.contiguous()}, path)
 
 
+def accelerate_placement(max_memory: dict[str, int], offload_folder: str | None) -> dict:
+    """``from_pretrained`` arguments for accelerate's big-model inference within ``max_memory`` (keys as
+    JSON has them: "0" for the first GPU, "cpu"); what does not fit goes to ``offload_folder``."""
+    memory = {int(key) if key.isdigit() else key: value for key, value in max_memory.items()}
+    return {"device_map": "auto", "max_memory": memory, "offload_folder": offload_folder}
+
+
 @dataclass(frozen=True)
 class ReloadCheck:
     """How the reload check ran: recorded in the manifest beside its result, so that
@@ -138,18 +150,30 @@ class ReloadCheck:
     device: str
     #: the ``write_verification_sample`` file, relative to the output
     sample_file: str = VERIFICATION_FILE
+    #: the memory plan's placement of the reloaded model (accelerate's max_memory); None: all on ``device``
+    max_memory: dict[str, int] | None = None
 
-    def run(self, output: Path, device: str | None = None) -> tuple[dict, int]:
+    def run(self, output: Path, device: str | None = None, scratch: Path | None = None) -> dict:
         """``verify_reload`` of ``output/checkpoint`` against ``output/<sample_file>`` in a fresh process
-        (its peak memory is the reloaded model's, not the CLI's); the record and the child's peak RSS."""
-        from prunecomp_export.child import run_in_child
+        (its peak memory is the reloaded model's, not the CLI's); the check's record. What the plan
+        offloads goes into a directory under ``scratch`` (default: the temp directory), removed after."""
+        import tempfile
 
-        child = run_in_child(
-            "prunecomp_export.output.checkpoint:verify_from_file",
-            {"directory": str(output / "checkpoint"), "tensors": str(output / self.sample_file),
-             "dtype": self.dtype, "attn_implementation": self.attn_implementation, "device": device or self.device},
-        )  # fmt: skip
-        return child.value, child.peak_rss_bytes
+        from prunecomp_export.child import ChildRequest, run_child
+
+        device = device or self.device
+        placed = self.max_memory if device == self.device else None  # another device: its own placement
+        if scratch is not None:
+            scratch.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix="offload-", dir=scratch) as offload:
+            request = ChildRequest(
+                name="reload check",
+                target="prunecomp_export.output.checkpoint:verify_from_file",
+                kwargs={"directory": str(output / "checkpoint"), "tensors": str(output / self.sample_file),
+                        "dtype": self.dtype, "attn_implementation": self.attn_implementation, "device": device,
+                        "max_memory": placed, "offload_folder": offload},
+            )  # fmt: skip
+            return run_child(request).value
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -160,11 +184,15 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def verify_from_file(directory: str, tensors: str, dtype: str, attn_implementation: str | None, device: str) -> dict:
+def verify_from_file(
+    directory: str, tensors: str, dtype: str, attn_implementation: str | None, device: str,
+    max_memory: dict[str, int] | None = None, offload_folder: str | None = None,
+) -> dict:  # fmt: skip
     from safetensors.torch import load_file
 
     loaded = load_file(tensors)
     return verify_reload(
         Path(directory), loaded["sample"], loaded["expected"], dtype=getattr(torch, dtype),
-        attn_implementation=attn_implementation, device=device,
+        attn_implementation=attn_implementation, device=device, max_memory=max_memory,
+        offload_folder=offload_folder,
     )  # fmt: skip

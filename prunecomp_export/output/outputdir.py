@@ -24,12 +24,9 @@ import os
 import re
 import secrets
 import shutil
-import signal
-import threading
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from types import FrameType
-from typing import Any, NoReturn
+from typing import NoReturn
 
 from prunecomp_export.errors import RecipeError
 
@@ -211,7 +208,7 @@ def _install(staging: Path, final: Path, *, overwrite: bool) -> None:
 @contextlib.contextmanager
 def staged_output(final: Path, *, overwrite: bool) -> Iterator[Path]:
     """Yield a fresh staging directory next to ``final`` (``.<name>.tmp-<pid>-<hex>``), after removing
-    dead runs' stale ones. If the block raises anything (Ctrl-C and, under ``handle_sigterm``, SIGTERM
+    dead runs' stale ones. If the block raises anything (Ctrl-C and, under ``child.interrupting_signals``, SIGTERM
     included) the staging directory is removed and ``final`` is untouched; if it succeeds, the staging
     directory becomes ``final`` atomically (see ``_install``)."""
     final = Path(final).resolve()
@@ -254,24 +251,6 @@ def staged_update(final: Path, *, linked: Sequence[str] = ("checkpoint", "target
             else:
                 shutil.copy2(item, stage / item.name, follow_symlinks=False)
         yield stage
-
-
-@contextlib.contextmanager
-def handle_sigterm() -> Iterator[None]:
-    """While active, SIGTERM raises ``KeyboardInterrupt`` in the main thread, so staging cleanup runs
-    as on Ctrl-C; the previous handler is restored on exit. A no-op outside the main thread."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def interrupt(signum: int, frame: FrameType | None) -> Any:
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
 def is_output_path(path: str | os.PathLike[str], out: Path) -> bool:

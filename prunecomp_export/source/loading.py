@@ -31,8 +31,10 @@ class ResolvedSource:
         return kwargs
 
 
-def resolve_source(spec: ModelSpec) -> ResolvedSource:
-    """Turn ``model.source`` into a loadable location, failing early on missing local files."""
+def resolve_source(spec: ModelSpec, *, require_weights: bool = True) -> ResolvedSource:
+    """Turn ``model.source`` into a loadable location, failing early on missing local files.
+    ``require_weights=False``: a directory with a config.json alone will do (planning a run that
+    happens elsewhere, ``--dry-run --machine``)."""
     source = spec.source
     if source.startswith("package:"):
         package, _, relative = source.removeprefix("package:").partition("/")
@@ -42,16 +44,16 @@ def resolve_source(spec: ModelSpec) -> ResolvedSource:
         path = Path(next(iter(found.submodule_search_locations))) / relative
         if not path.exists():
             raise RecipeError(f"file not found: {path}", key="model.source")
-        return _local(path, spec)
+        return _local(path, spec, require_weights)
     path = Path(source).expanduser()
     if path.exists():
-        return _local(path, spec)
+        return _local(path, spec, require_weights)
     if source.endswith(".gguf") or source.startswith((".", "/", "~")) or source.count("/") != 1:
         raise RecipeError(f"file not found: {source}", key="model.source")
     return ResolvedSource(source, spec.gguf_file, local=False, description=f"hub:{source}@{spec.revision or 'main'}")
 
 
-def _local(path: Path, spec: ModelSpec) -> ResolvedSource:
+def _local(path: Path, spec: ModelSpec, require_weights: bool = True) -> ResolvedSource:
     if path.is_file():
         if path.suffix != ".gguf":
             raise RecipeError(
@@ -66,7 +68,7 @@ def _local(path: Path, spec: ModelSpec) -> ResolvedSource:
     if not (path / "config.json").is_file():
         raise RecipeError(f"{path} has no config.json: not a Hugging Face model directory", key="model.source")
     weights = sorted(path.glob("*.safetensors"))
-    if not weights:
+    if not weights and require_weights:
         raise RecipeError(
             f"{path} has no .safetensors weights (only safetensors are loaded, for safety)", key="model.source"
         )
@@ -99,28 +101,35 @@ def cache_root() -> Path:
     return Path(os.environ.get("PRUNECOMP_CACHE", Path.home() / ".cache" / "prunecomp_export"))
 
 
-def local_checkpoint(source: ResolvedSource, spec: ModelSpec, identity: dict, log) -> tuple[Path, float | None]:
+def local_checkpoint(source: ResolvedSource, spec: ModelSpec, identity: dict, log) -> Path:
     """A plain safetensors directory holding the source: the directory itself, a hub snapshot, or,
     for GGUF, the weights dequantised once into a cache keyed by the file's hash (in a child process,
-    so the quantised and dequantised copies never sit in this process). Returns the directory and
-    the child's peak RSS when one ran."""
+    so the quantised and dequantised copies never sit in this process)."""
     if source.gguf_file is None:
         if source.local:
-            return Path(source.location), None
-        return _hub_snapshot(source, spec), None
-    from prunecomp_export.child import run_in_child
+            return Path(source.location)
+        return _hub_snapshot(source, spec)
+    from prunecomp_export.child import ChildRequest, run_child
 
     dtype = "float32" if spec.dtype == "auto" else spec.dtype
     directory = cache_root() / "gguf" / f"{identity['sha256'][:24]}-{dtype}"
     if (directory / "config.json").is_file():
         log(f"dequantised GGUF reused from {directory}")
-        return directory, None
+        return directory
     log(f"dequantising {source.gguf_file} once into {directory}")
-    result = run_in_child(
-        "prunecomp_export.source.loading:dequantize_gguf",
-        {"location": source.location, "gguf_file": source.gguf_file, "dtype": dtype, "directory": str(directory)},
+    run_child(
+        ChildRequest(
+            name="GGUF dequantisation",
+            target="prunecomp_export.source.loading:dequantize_gguf",
+            kwargs={
+                "location": source.location,
+                "gguf_file": source.gguf_file,
+                "dtype": dtype,
+                "directory": str(directory),
+            },
+        )
     )
-    return directory, result.peak_rss_bytes
+    return directory
 
 
 def dequantize_gguf(location: str, gguf_file: str, dtype: str, directory: str) -> None:
