@@ -182,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", type=Path, default=Path("outputs/scale-synthetic"))
     parser.add_argument("--budget", default="600MB")
     parser.add_argument("--calibration", choices=sorted(CALIBRATION), default="small")
-    parser.add_argument("--drop", type=int, nargs="*", default=None, help="original layers to remove")
+    parser.add_argument("--drop", type=int, nargs="*", default=[5, 9, 13, 17], help="original layers to remove")
     parser.add_argument("--num-drop", type=int, default=4, help="layers to remove when --drop is not given")
     parser.add_argument("--evaluate", action="store_true", help="held-out perplexity, one QA task, reload check")
     parser.add_argument("--max-process", help="fail when any process of the run goes above this, e.g. 1.6GB")

@@ -138,6 +138,10 @@ def preflight(recipe: Recipe, targets: list[str], bench: bool = False, machine: 
     if plan.compensation == "linear" and (refusal := adapter.output_map_refusal()) is not None:
         raise RecipeError(refusal, key="prune.compensation")
     calibration.check_calibration_source(recipe.calibration)
+    if recipe.evaluation.qa is not None:
+        from prunecomp_export.evaluation import qa
+
+        qa.require_backend(recipe.evaluation.qa.backend)
     if recipe.evaluation.perplexity is not None:
         for index, name in enumerate(recipe.evaluation.perplexity.corpora):
             corpus.check_corpus(name, key=f"evaluation.perplexity.corpora.{index}")

@@ -3,6 +3,8 @@ tests (fold, cached streams, checkpoint) run over all of them through the ``arch
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import (
@@ -182,3 +184,18 @@ def tiny_dir(tmp_path_factory):
     make_model("llama").save_pretrained(directory)
     tiny_tokenizer().save_pretrained(directory)
     return directory
+
+
+def synthetic_checkpoints():
+    """``benchmarks/synthetic_checkpoint.py`` as a module (it lives beside the benchmarks, not in the package)."""
+    import importlib.util
+    import sys
+
+    name = "synthetic_checkpoint"
+    if name not in sys.modules:
+        script = Path(__file__).resolve().parent.parent / "benchmarks" / f"{name}.py"
+        spec = importlib.util.spec_from_file_location(name, script)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # dataclasses look their module up while the class is created
+        spec.loader.exec_module(module)
+    return sys.modules[name]

@@ -284,3 +284,40 @@ def test_the_engine_never_applies_the_head_to_more_tokens_than_the_plan_allows(t
         expected = sum(model(input_ids=ids, labels=ids).loss.item() * ids[:, 1:].numel() for ids in batches)
     assert loss == pytest.approx(expected / sum(ids[:, 1:].numel() for ids in batches), rel=1e-5)
     assert seen and max(seen) <= 7
+
+
+def test_a_151k_vocabulary_prunes_with_the_demo_calibration_under_a_budget_below_one_batch_of_logits(tmp_path):
+    """Qwen2.5's 151,936-token vocabulary: one calibration batch of the demo (4 x 512 tokens) has 1.24 GB
+    of fp32 logits. With a 300 MB budget the run goes through (prune, perplexity, the reload check) and
+    the CLI's memory never grows by anything near a batch of logits."""
+    import subprocess
+    import sys
+
+    from tests.conftest import synthetic_checkpoints
+
+    source = synthetic_checkpoints().write_synthetic_checkpoint(
+        tmp_path / "model", "tiny-151k-vocab", "float32", shards=1
+    )
+    vocab = json.loads((source / "config.json").read_text())["vocab_size"]
+    batch_logits = 4 * 512 * vocab * 4
+    assert vocab == 151936 and batch_logits > 1.2 * GB
+    recipe_file = tmp_path / "r.json"
+    recipe_file.write_text(json.dumps({
+        "model": {"source": str(source)},
+        "calibration": {"source": "builtin", "corpus": "gensim-wiki", "num_samples": 16, "seq_len": 512,
+                        "batch_size": 4},
+        "prune": {"num_drop": 1},
+        "evaluation": {"perplexity": {"corpora": ["gensim-wiki-heldout"], "seq_len": 512, "max_windows": 4},
+                       "baseline": False, "cache_dense": False},
+        "execution": {"device": "cpu", "memory_budget": "300MB"},
+        "output": {"dir": str(tmp_path / "out")},
+    }))  # fmt: skip
+    subprocess.run([sys.executable, "-m", "prunecomp_export", str(recipe_file)], check=True, cwd=tmp_path)
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    chunk = results["memory_plan"]["logits_chunk_tokens"]
+    assert chunk * vocab * 4 * 3 <= 300 * MB / 8
+    costs = {cost["name"]: cost for cost in results["costs"]}
+    grown = max(costs[name]["peak_rss_bytes"] for name in ("prune", "evaluate")) - costs["load"]["peak_rss_bytes"]
+    assert grown < batch_logits / 4, grown  # the head's output never existed for a whole batch
+    assert results["trajectory"]["rounds"][0]["step"]["removed"]
+    assert [m["variant"] for m in results["measurements"]] == ["dense", "prunecomp"]

@@ -117,7 +117,7 @@ class Evaluator:
         from prunecomp_export.evaluation import qa
 
         with variants.materialised(variant) as directory:
-            child = run_child(self._qa_request(variants, variant, directory))
+            child = run_child(self.qa_request(variants, variant, directory))
         rows = []
         k = variant.layers_removed
         for task, score in qa.task_scores(child.value).items():
@@ -126,7 +126,7 @@ class Evaluator:
             rows.append(Measurement(variant.name, k, "accuracy", task, score["acc"], details))
         return rows
 
-    def _qa_request(self, variants: ModelVariants, variant: Variant, directory):
+    def qa_request(self, variants: ModelVariants, variant: Variant, directory):
         """The QA child: lm-eval's hf model placed by the memory plan (what does not fit offloaded into
         the run's scratch directory), or its vLLM model in vLLM's interpreter."""
         from prunecomp_export.child import ChildRequest

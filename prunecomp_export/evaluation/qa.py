@@ -280,6 +280,30 @@ def _require_lm_eval() -> None:
         raise RecipeError("QA evaluation needs lm-evaluation-harness: pip install 'lm-eval>=0.4.13'", key=DEFAULT_KEY)
 
 
+def require_backend(backend: str) -> None:
+    """Before any weight is read: lm-eval, and for the vllm backend vLLM and lm-eval in vLLM's
+    interpreter (``PRUNECOMP_VLLM_PYTHON``, else this one); one line naming the key otherwise."""
+    _require_lm_eval()
+    if backend != "vllm":
+        return
+    import subprocess
+
+    from prunecomp_export.errors import TargetUnavailable
+    from prunecomp_export.targets import vllm
+
+    python = vllm.resolve_python()
+    try:
+        vllm.require_vllm(python)
+    except TargetUnavailable as exc:
+        raise RecipeError(f"backend vllm: {exc}", key="evaluation.qa.backend") from None
+    probe = "import importlib.util, sys; sys.exit(importlib.util.find_spec('lm_eval') is None)"
+    if subprocess.run([python, "-c", probe], stdin=subprocess.DEVNULL, capture_output=True).returncode != 0:
+        raise RecipeError(
+            f"backend vllm: {python} has vllm but not lm-evaluation-harness (pip install 'lm-eval>=0.4.13' there)",
+            key="evaluation.qa.backend",
+        )
+
+
 @functools.lru_cache(maxsize=4)
 def _task_manager(include_path: str | None, include_defaults: bool) -> Any:
     """A cached lm-eval TaskManager: indexing lm-eval's built-in tasks parses ~15k YAML files (~20 s)."""
@@ -400,10 +424,13 @@ def evaluate_qa(
             model_args.update(parallelize=True, max_cpu_memory=max_memory.get("cpu"), offload_folder=offload_folder)
             if gpu is not None:
                 model_args["max_memory_per_gpu"] = gpu
+    from lm_eval.api.registry import get_model
+
     start = time.perf_counter()
+    args = {key: value for key, value in model_args.items() if value is not None}
+    lm = get_model(backend).create_from_arg_obj(args, {"batch_size": batch_size, "device": device})
     output = lm_eval.simple_evaluate(
-        model=backend,
-        model_args={key: value for key, value in model_args.items() if value is not None},
+        model=lm,
         tasks=tasks,
         task_manager=task_manager,
         num_fewshot=0,
@@ -429,7 +456,7 @@ def evaluate_qa(
         "max_length": max_length,
         "device": device,
         "dtype": dtype,
-        "placement": {"max_memory": max_memory} if max_memory is not None else None,
+        "placement": _placement(lm, max_memory),
         "model_dir": str(model_dir),
         "task_versions": {name: output.get("versions", {}).get(name) for name in tasks},
         "offline_tasks": {
@@ -442,6 +469,17 @@ def evaluate_qa(
         "seconds": round(seconds, 1),
     }
     return result
+
+
+def _placement(lm: Any, max_memory: dict[str, int] | None) -> dict[str, Any] | None:
+    """Where lm-eval's transformers model was placed: accelerate's max_memory and how many modules went
+    to each device or to disk (None for a backend with its own engine)."""
+    model = getattr(lm, "model", None)
+    if model is None or not hasattr(model, "parameters"):
+        return None
+    from prunecomp_export.output.checkpoint import placement_summary
+
+    return {"max_memory": max_memory, "modules": placement_summary(model)}
 
 
 def _sha256(path: Path) -> str:

@@ -100,6 +100,7 @@ def verify_reload(
         "generate_cache_equals_no_cache": bool(torch.equal(with_cache, without_cache)),
         "generated_tokens": without_cache[0, prompt.shape[1] :].tolist(),
         "tolerance": tolerance,
+        "placement": placement_summary(reloaded),
     }
     if not max_diff <= tolerance:
         raise ValidationFailed(f"the reloaded checkpoint's logits differ from the pruned model's by {max_diff:.3g}")
@@ -108,6 +109,16 @@ def verify_reload(
     if dtype == torch.float32 and not result["generate_cache_equals_no_cache"]:
         raise ValidationFailed("greedy generation differs with and without the KV cache after reload")
     return result
+
+
+def placement_summary(model) -> dict[str, int]:
+    """How many of the model's modules accelerate put where ("cpu", "disk", a GPU's index); all of
+    them on one device when the model was not dispatched."""
+    device_map = getattr(model, "hf_device_map", None) or {"": str(next(model.parameters()).device)}
+    counts: dict[str, int] = {}
+    for place in device_map.values():
+        counts[str(place)] = counts.get(str(place), 0) + 1
+    return counts
 
 
 def _cached_decode_diff(model, tokens: torch.Tensor, prompt_len: int) -> float:
