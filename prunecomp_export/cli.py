@@ -151,10 +151,9 @@ def run_command(
         result = pipeline.run(loaded, names, reporter, bench=bench)
         summary.print_run(result, console)
         if serve:
-            from prunecomp_export.targets import vllm
+            from prunecomp_export.commands import serve_output
 
-            options = vllm.Options.model_validate(loaded.targets.get("vllm", {}))
-            _server_exit(vllm.serve(result.output / "checkpoint", options))
+            _server_exit(serve_output(result.output))
         if not result.signoff_passed:
             sys.exit(1)
 
@@ -249,7 +248,7 @@ def bench(out: str) -> None:
 def _server_exit(code: int) -> None:
     """The vLLM server's end as the command's: a stop the user asked for (Ctrl-C, SIGTERM) is a normal
     stop, 130; any other non-zero exit of the server is a failure."""
-    from prunecomp_export.targets.vllm import INTERRUPTED
+    from prunecomp_export.targets.runtimes.vllm import INTERRUPTED
 
     if code == INTERRUPTED:
         sys.exit(INTERRUPTED)

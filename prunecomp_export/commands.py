@@ -125,23 +125,29 @@ def verify_output(path: str | Path, device: str | None = None) -> Verification:
 
 def export_targets(path: str | Path, names: list[str], log) -> dict[str, dict]:
     """Build ``names`` for an existing output as the run does (same options from the recorded recipe,
-    same child processes), replacing any earlier build of those targets, and record them in the
-    manifest and their parity in results.json and the reports; the output changes in one step,
-    under its lock."""
+    same child processes, the memory the plan gives them on this machine), replacing any earlier
+    build of those targets, and record them in the manifest, their parity in results.json and the
+    reports, and the sign-off again (a target that failed in the run and passes now signs off); the
+    output changes in one step, under its lock."""
+    from prunecomp_export.pipeline import checkpoint_targets
     from prunecomp_export.report.render import write_reports
     from prunecomp_export.report.results import deployed_targets, read_results
-    from prunecomp_export.targets import build_targets, validated_options
+    from prunecomp_export.report.signoff import with_target_parity
+    from prunecomp_export.targets import build_targets
 
     output = open_output(path)
-    options = {name: validated_options(name, output.recipe.targets.get(name, {})) for name in names if name != "hf"}
+    if not (output.path / "checkpoint" / "config.json").is_file():
+        raise NotAnOutput(f"{output.path / 'checkpoint'}: no checkpoint to build targets from")
+    wanted = [name for name in names if name != "hf"]
+    options, context = checkpoint_targets(output.recipe, output.path / "checkpoint", wanted)
     with OutputLock(output.path), staged_update(output.path) as stage:
         current = open_output(stage)  # read under the lock
-        for name in options:
-            shutil.rmtree(stage / "targets" / name, ignore_errors=True)
-        records = build_targets(options, stage / "checkpoint", stage, log)
+        records = build_targets(options, stage / "checkpoint", stage, log, context)
         targets = {**(current.manifest.get("targets") or {}), **records}
         results = read_results(stage / "results.json")
-        write_reports(results.model_copy(update={"targets": deployed_targets(targets)}), stage)
+        deployed = deployed_targets(targets)
+        signoff = with_target_parity(results.signoff, deployed)
+        write_reports(results.model_copy(update={"targets": deployed, "signoff": signoff}), stage)
         write_manifest(stage, {**current.manifest, "targets": targets})
     return records
 
@@ -152,7 +158,8 @@ def export_targets(path: str | Path, names: list[str], log) -> dict[str, dict]:
 def serve_output(path: str | Path, host: str | None = None, port: int | None = None) -> int:
     """vLLM's OpenAI server on the output's checkpoint in the foreground, with the recorded recipe's
     ``targets.vllm`` options (host and port overridden when given); its exit code."""
-    from prunecomp_export.targets import validated_options, vllm
+    from prunecomp_export.pipeline import checkpoint_targets
+    from prunecomp_export.targets.runtimes import vllm
 
     output = open_output(path)
     checkpoint = output.path / "checkpoint"
@@ -160,8 +167,10 @@ def serve_output(path: str | Path, host: str | None = None, port: int | None = N
         raise NotAnOutput(f"{checkpoint}: no checkpoint to serve")
     raw = dict(output.recipe.targets.get("vllm", {}))
     raw.update({key: value for key, value in (("host", host), ("port", port)) if value is not None})
-    options = validated_options("vllm", raw)  # a missing vLLM fails here, in one line
-    return vllm.serve(checkpoint, options)
+    # a missing vLLM or a budget too small for it fails here, in one line
+    options, context = checkpoint_targets(output.recipe.model_copy(update={"targets": {"vllm": raw}}), checkpoint,
+                                          ["vllm"])  # fmt: skip
+    return vllm.serve(checkpoint, options["vllm"], planned=context.vllm_engine)
 
 
 # --- bench ---------------------------------------------------------------------------------------
@@ -185,10 +194,12 @@ def bench_output(path: str | Path, reporter: Reporter):
     torch plus the runtimes of the output's targets), for the dense model and the final one; write
     bench.json, the bench and the sign-off into results.json and the reports. Returns the RunResults."""
     from prunecomp_export.bench.timing import benchmark, onnx_exporter, require_runtimes, runtimes_for, speedups_at
+    from prunecomp_export.output.checkpoint import dtype_name
+    from prunecomp_export.pipeline import bench_vllm_engine, checkpoint_targets
     from prunecomp_export.report.render import write_reports
     from prunecomp_export.report.results import deployed_targets, read_results
-    from prunecomp_export.report.signoff import evaluate_signoff
-    from prunecomp_export.source.loading import load_config, resolve_source
+    from prunecomp_export.report.signoff import evaluate_signoff, with_target_parity
+    from prunecomp_export.source.loading import compute_dtype, load_config, resolve_source
 
     output = open_output(path)
     recipe = output.recipe
@@ -202,17 +213,23 @@ def bench_output(path: str | Path, reporter: Reporter):
         checkpoint = stage / "checkpoint"
         scratch = stage / ".scratch"
         try:
-            export = onnx_exporter(scratch, {checkpoint: stage / "targets" / "onnx"})
+            options, context = checkpoint_targets(recipe, checkpoint, ["vllm"] if "vllm" in runtimes else [])
+            device = context.device
+            dtype = dtype_name(compute_dtype(recipe.model, load_config(resolve_source(recipe.model), recipe.model)))
+            export = onnx_exporter(scratch, {checkpoint: stage / "targets" / "onnx"}, device, dtype)
             checkpoints = {0: dense, removed: checkpoint}
-            reporter.log(f"stage bench: {', '.join(runtimes)} on {len(checkpoints)} checkpoints")
+            reporter.log(f"stage bench: {', '.join(runtimes)} on {len(checkpoints)} checkpoints ({device}, {dtype})")
             layers = int(current.manifest["layers_before"])
-            bench = benchmark(recipe.bench, runtimes, checkpoints, layers, vocab_size, reporter, export)
+            bench = benchmark(recipe.bench, runtimes, checkpoints, layers, vocab_size, reporter, export, device=device,
+                              dtype=dtype, vllm_engine=bench_vllm_engine(options, context, dtype))  # fmt: skip
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
         (stage / "bench.json").write_text(json.dumps(bench, indent=2) + "\n")
         results = read_results(stage / "results.json")
-        signoff = evaluate_signoff(recipe.signoff, results.measurements, removed, speedups_at(bench, removed))
         targets = deployed_targets(current.manifest.get("targets") or {})
+        signoff = with_target_parity(
+            evaluate_signoff(recipe.signoff, results.measurements, removed, speedups_at(bench, removed)), targets
+        )
         results = results.model_copy(update={"bench": bench, "signoff": signoff, "targets": targets})
         write_reports(results, stage)
         write_manifest(stage, current.manifest)

@@ -29,7 +29,14 @@ half the available host memory; on CPU the device is the host and H = D):
   and activations take at most a quarter of D.
 - bench (child processes): each timed model whole on the device, W + act of the largest scenario:
   refused when it does not fit, since timing an offloaded model would time the offload.
-- targets: exports hold the whole model (listed here; not yet within the plan).
+- targets (child processes, one after another): the parity reference streams the written
+  checkpoint in fp32 (S + T in fp32, and one chunk of the head's output); vLLM holds the pruned
+  model (W' = W less the removed layers, in its dtype, split over ``tensor_parallel_size``
+  devices) and a KV cache: on a GPU it is told its share of the device (``gpu_memory_utilization`` =
+  D over the GPU's memory), on the CPU a KV cache of what D leaves beside W' (at most 1 GiB) and a
+  context that fits in it, and it is refused when W' does not fit D; the ONNX builders and TensorRT
+  load the whole pruned model on the host (genai's builder: W' in the checkpoint's dtype; torch.onnx:
+  three fp32 copies): listed, with a warning where that is over the host budget.
 
 Each Python process also holds its own interpreter, torch and transformers (about
 ``PROCESS_OVERHEAD_BYTES``), outside the budget.
@@ -37,6 +44,7 @@ Each Python process also holds its own interpreter, torch and transformers (abou
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -63,6 +71,10 @@ RELOAD_SEQUENCES, RELOAD_TOKENS = 2, 64 + 8
 VLLM_CPU_KV_CACHE_BYTES = 2**30
 #: the largest share of a GPU vLLM is told it may use (gpu_memory_utilization)
 VLLM_MAX_UTILIZATION = 0.95
+#: the shortest context the vllm target's KV cache must hold (prompts and continuations of the check)
+VLLM_MIN_CONTEXT = 256
+#: the context a vLLM on the CPU gets when the model states none
+VLLM_MAX_CONTEXT = 4096
 
 #: the stages' names in the plan
 PRUNE, PERPLEXITY, QA, RELOAD, BENCH = "prune", "evaluate: perplexity", "evaluate: QA", "save: reload check", "bench"
@@ -150,6 +162,13 @@ class ModelShape:
     slice_bytes: int
     tensor_bytes: int
     max_positions: int | None
+    #: one decoder layer (0: unknown, then a pruned model is planned at the dense model's size)
+    layer_bytes: int = 0
+
+    def pruned_weights(self, layers_after: int | None) -> int:
+        """W': the weights left after removing decoder layers down to ``layers_after``."""
+        removed = 0 if layers_after is None else self.num_layers - layers_after
+        return self.weights_bytes - removed * self.layer_bytes
 
     @classmethod
     def from_config(cls, config, adapter, dtype) -> ModelShape:
@@ -183,6 +202,7 @@ class ModelShape:
             slice_bytes=max(slices.values()),
             tensor_bytes=largest,
             max_positions=getattr(config, "max_position_embeddings", None),
+            layer_bytes=max((v for k, v in slices.items() if k.startswith("layer ")), default=0),
         )
 
     def activations(self, sequences: int, tokens: int) -> int:
@@ -288,8 +308,17 @@ def logits_chunk(shape: ModelShape, device_budget: int) -> int:
     return max(MIN_CHUNK, min(MAX_CHUNK, fits))
 
 
-def make_memory_plan(recipe: Recipe, shape: ModelShape, machine: Machine, *, targets: list[str], bench: bool):
-    """The plan for ``recipe`` on ``machine``; ``check()`` it to refuse a budget too small."""
+def make_memory_plan(
+    recipe: Recipe,
+    shape: ModelShape,
+    machine: Machine,
+    *,
+    targets: Sequence[str] | Mapping[str, Any],
+    bench: bool,
+    layers_after: int | None = None,
+):
+    """The plan for ``recipe`` on ``machine``; ``check()`` it to refuse a budget too small. ``targets``:
+    names, or names and their validated options; ``layers_after``: the pruned model's layer count."""
     spec = recipe.execution
     device_budget, host_budget = budgets(spec, machine)
     chunk = logits_chunk(shape, device_budget)
@@ -345,7 +374,14 @@ def make_memory_plan(recipe: Recipe, shape: ModelShape, machine: Machine, *, tar
         )  # fmt: skip
     if bench:
         stages.append(_bench_stage(recipe, machine, shape, device_budget))
-    stages += [_target_stage(name, machine, shape, host_budget) for name in targets if name != "hf"]
+    options = targets if isinstance(targets, Mapping) else dict.fromkeys(targets)
+    layers = layers_after or shape.num_layers
+    pruned = replace(shape, weights_bytes=shape.pruned_weights(layers_after), num_layers=layers)
+    for name, chosen in options.items():
+        if name == "vllm":
+            stages.append(_vllm_target_stage(chosen, machine, pruned, device_budget, chunk))
+        elif name != "hf":
+            stages.append(_target_stage(name, chosen, machine, pruned, host_budget, chunk))
     return MemoryPlan(machine, shape, device_budget, host_budget, placement, chunk, stages)
 
 
@@ -453,17 +489,66 @@ def _bench_stage(recipe: Recipe, machine: Machine, shape: ModelShape, budget: in
                      refusal)  # fmt: skip
 
 
-def _target_stage(name: str, machine: Machine, shape: ModelShape, host_budget: int) -> StagePlan:
-    """Targets export the whole model; listed with what that needs, a warning where it is over budget."""
+def parity_reference(shape: ModelShape, chunk: int) -> int:
+    """The parity reference: the written checkpoint streamed in fp32, one slice (and a converted
+    tensor) at a time, and one chunk of the head's fp32 output."""
+    return (shape.slice_bytes + shape.tensor_bytes) * 4 // shape.dtype_bytes + shape.logits(chunk, ENGINE_LOGIT_COPIES)
+
+
+def _target_stage(name: str, options: Any, machine: Machine, shape: ModelShape, host_budget: int, chunk: int):
+    """The ONNX and TensorRT builders load the whole pruned model on the host; listed with what that
+    needs, a warning where it is over the host budget (the builders cannot stream)."""
     fp32 = shape.weights_bytes * 4 // shape.dtype_bytes
-    if name == "onnx":
-        host, device, how = 3 * fp32, None, "torch.onnx traces the whole model in fp32 on the host"
+    genai = name == "onnx" and getattr(options, "exporter", "auto") != "torch"
+    if genai:
+        host, how = shape.weights_bytes + 2 * shape.tensor_bytes, "onnxruntime-genai's builder loads the model"
+    elif name == "tensorrt" and getattr(options, "runtime", "tensorrt") == "tensorrt_llm":
+        host, how = shape.weights_bytes, "TensorRT-LLM loads the model onto its GPUs"
     else:
-        host, device, how = shape.weights_bytes, shape.weights_bytes, f"{name} loads the whole model"
+        host, how = 3 * fp32, "torch.onnx traces the whole model in fp32 on the host"
+    how += f"; parity reference streamed ({_gb(parity_reference(shape, chunk))} GB)"
     fits = host <= host_budget
     if not fits:
-        how += f": {_gb(host)} GB, over the host budget of {_gb(host_budget)} GB (targets are not yet streamed)"
-    return StagePlan(f"targets: {name}", "child process", device if machine.gpu else None, host, how, fits)
+        how += f": {_gb(host)} GB, over the host budget of {_gb(host_budget)} GB"
+    device = shape.weights_bytes if machine.gpu else None
+    return StagePlan(f"targets: {name}", "child process", device, host, how, fits)
+
+
+def _vllm_target_stage(options: Any, machine: Machine, shape: ModelShape, budget: int, chunk: int) -> StagePlan:
+    """vLLM holds the pruned model in its dtype, split over ``tensor_parallel_size`` devices, and a KV
+    cache within the device budget: on a GPU its share of the device, on the CPU what the budget
+    leaves beside the weights (at most 1 GiB), and a context that fits in it."""
+    tensor_parallel = getattr(options, "tensor_parallel_size", 1)
+    dtype = getattr(options, "dtype", "float32")
+    size = {"float32": 4, "bfloat16": 2, "float16": 2}.get(dtype, shape.dtype_bytes)
+    weights = shape.weights_bytes * size // shape.dtype_bytes // tensor_parallel
+    kv_per_token = shape.kv_size * shape.num_layers * size // tensor_parallel
+    reference = parity_reference(shape, chunk)
+    how = f"vLLM {dtype}, {_gb(weights)} GB of weights a device ({tensor_parallel} device(s))"
+    engine: dict[str, Any] = {}
+    if machine.gpu:
+        engine["gpu_memory_utilization"] = round(min(VLLM_MAX_UTILIZATION, budget / machine.device_total_bytes), 3)
+        fits = weights < budget
+        need, host = budget, reference
+        how += f", gpu_memory_utilization {engine['gpu_memory_utilization']}"
+    else:
+        kv = min(VLLM_CPU_KV_CACHE_BYTES, budget - weights)
+        fits = kv >= kv_per_token * VLLM_MIN_CONTEXT
+        if fits:
+            engine["kv_cache_memory_bytes"] = kv
+            engine["max_model_len"] = min(shape.max_positions or VLLM_MAX_CONTEXT, kv // max(kv_per_token, 1))
+            how += f", a {_gb(kv)} GB KV cache ({engine['max_model_len']} tokens)"
+        need = host = weights + max(kv, 0)
+    how += f"; parity reference streamed ({_gb(reference)} GB)"
+    refusal = (
+        None
+        if fits
+        else f"the memory budget ({_gb(budget)} GB) is too small for the vllm target: vLLM holds {_gb(weights)} GB of "
+        f"weights a device and a KV cache of at least {VLLM_MIN_CONTEXT} tokens "
+        "(raise execution.memory_budget, or targets.vllm.tensor_parallel_size on GPUs, or use dtype bfloat16)"
+    )
+    return StagePlan("targets: vllm", "child process", need if machine.gpu else None, host, how, fits, refusal,
+                     vllm_engine=engine)  # fmt: skip
 
 
 def _gb(value: int | None) -> str:

@@ -48,7 +48,7 @@ from prunecomp_export.report.results import (
     TrajectoryInfo,
     deployed_targets,
 )
-from prunecomp_export.report.signoff import accuracy_kept, evaluate_signoff, perplexity_ratios
+from prunecomp_export.report.signoff import accuracy_kept, evaluate_signoff, perplexity_ratios, with_target_parity
 from prunecomp_export.source import calibration, corpus
 from prunecomp_export.source.loading import (
     ResolvedSource,
@@ -59,7 +59,7 @@ from prunecomp_export.source.loading import (
     resolve_source,
     source_identity,
 )
-from prunecomp_export.targets import build_targets, validated_options
+from prunecomp_export.targets import TargetContext, build_targets, validated_options
 
 PACKAGES = ("prunecomp-export", "torch", "transformers", "safetensors", "tokenizers", "gguf", "numpy")
 
@@ -97,6 +97,8 @@ class Checked:
     plan: Plan
     memory: MemoryPlan
     target_options: dict[str, Any]
+    #: what every target knows of the run (architecture, device, the plan's memory for it)
+    target_context: TargetContext
     runtimes: list[str]
     output: Path
 
@@ -145,14 +147,52 @@ def preflight(recipe: Recipe, targets: list[str], bench: bool = False, machine: 
     if recipe.evaluation.perplexity is not None:
         for index, name in enumerate(recipe.evaluation.perplexity.corpora):
             corpus.check_corpus(name, key=f"evaluation.perplexity.corpora.{index}")
-    options = {name: validated_options(name, recipe.targets.get(name, {})) for name in targets}
+    device = machine.device if machine is not None else str(resolve_device(recipe.execution))
+    context = TargetContext(architecture=(getattr(config, "architectures", None) or [""])[0], device=device)
+    options = {name: validated_options(name, recipe.targets.get(name, {}), context) for name in targets}
     runtimes = runtimes_for(recipe.bench, targets) if bench else []
     require_runtimes(runtimes)
-    memory = memory_plan(recipe, config, adapter, targets, bench, machine)
-    return Checked(recipe, source, config, adapter, tied, plan, memory, options, runtimes, output)
+    memory = memory_plan(recipe, config, adapter, options, bench, machine, plan.num_layers - plan.num_drop)
+    context = context.model_copy(update={"logits_chunk": memory.logits_chunk, "vllm_engine": _vllm_engine(memory)})
+    return Checked(recipe, source, config, adapter, tied, plan, memory, options, context, runtimes, output)
 
 
-def memory_plan(recipe: Recipe, config, adapter: Adapter, targets: list[str], bench: bool, machine: Machine | None):
+def checkpoint_targets(recipe: Recipe, checkpoint: Path, names: list[str]) -> tuple[dict[str, Any], TargetContext]:
+    """For a written checkpoint (``export``, ``serve``): the targets' validated options, and their
+    context with the memory the plan gives them on this machine; a target stage that cannot fit is
+    refused in one line."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(checkpoint)
+    adapter = adapter_for(config)
+    device = resolve_device(recipe.execution)
+    context = TargetContext(architecture=(getattr(config, "architectures", None) or [""])[0], device=str(device))
+    options = {name: validated_options(name, recipe.targets.get(name, {}), context) for name in names}
+    shape = ModelShape.from_config(config, adapter, compute_dtype(recipe.model, config))
+    memory = make_memory_plan(recipe, shape, Machine.here(device), targets=options, bench=False)
+    for stage in memory.stages:
+        if stage.stage.startswith("targets:") and not stage.fits and stage.refusal is not None:
+            raise RecipeError(stage.refusal, key="execution.memory_budget")
+    return options, context.model_copy(
+        update={"logits_chunk": memory.logits_chunk, "vllm_engine": _vllm_engine(memory)}
+    )
+
+
+def _vllm_engine(memory: MemoryPlan) -> dict[str, Any]:
+    """The memory the plan gives the vllm target (none when it is not built)."""
+    planned = next((stage for stage in memory.stages if stage.stage == "targets: vllm"), None)
+    return dict(planned.vllm_engine or {}) if planned is not None else {}
+
+
+def memory_plan(
+    recipe: Recipe,
+    config,
+    adapter: Adapter,
+    targets: dict[str, Any],
+    bench: bool,
+    machine: Machine | None,
+    layers_after: int | None = None,
+):
     """The memory plan of every stage (``memory.py``), refused in one line when a stage cannot fit."""
     if machine is None:
         machine = Machine.here(resolve_device(recipe.execution))
@@ -162,7 +202,7 @@ def memory_plan(recipe: Recipe, config, adapter: Adapter, targets: list[str], be
             key="execution.device",
         )
     shape = ModelShape.from_config(config, adapter, compute_dtype(recipe.model, config))
-    memory = make_memory_plan(recipe, shape, machine, targets=targets, bench=bench)
+    memory = make_memory_plan(recipe, shape, machine, targets=targets, bench=bench, layers_after=layers_after)
     memory.check()
     return memory
 
@@ -333,7 +373,7 @@ def _evaluate(checked: Checked, loaded: Loaded, trajectory: Trajectory, reporter
 
 def _targets(checked: Checked, checkpoint: Path, stage: Path, reporter: Reporter) -> dict[str, dict]:
     """Each target built from the written checkpoint in a child process of its own."""
-    return build_targets(checked.target_options, checkpoint, stage, reporter.log)
+    return build_targets(checked.target_options, checkpoint, stage, reporter.log, checked.target_context)
 
 
 def _bench(checked: Checked, loaded: Loaded, trajectory: Trajectory, checkpoint: Path, stage: Path, reporter) -> dict:
@@ -344,7 +384,8 @@ def _bench(checked: Checked, loaded: Loaded, trajectory: Trajectory, checkpoint:
     recipe, plan, variants = checked.recipe, checked.plan, loaded.variants
     wanted = recipe.bench.points
     points = sorted({k for k in (range(1, plan.num_drop + 1) if wanted == "all" else wanted) if k <= plan.num_drop})
-    onnx_export = onnx_exporter(variants.scratch / "bench", {checkpoint: stage / "targets" / "onnx"})
+    device, dtype = str(variants.model.device), dtype_name(variants.model.dtype)
+    onnx_export = onnx_exporter(variants.scratch / "bench", {checkpoint: stage / "targets" / "onnx"}, device, dtype)
     with ExitStack() as stack:
         checkpoints = {0: stack.enter_context(variants.materialised(variants.dense)), plan.num_drop: checkpoint}
         for k in points:
@@ -353,7 +394,20 @@ def _bench(checked: Checked, loaded: Loaded, trajectory: Trajectory, checkpoint:
                 checkpoints[k] = stack.enter_context(variants.materialised(variant))
         reporter.log(f"stage bench: {', '.join(checked.runtimes)} on {len(checkpoints)} checkpoints")
         vocab = checked.config.vocab_size
-        return benchmark(recipe.bench, checked.runtimes, checkpoints, plan.num_layers, vocab, reporter, onnx_export)
+        return benchmark(
+            recipe.bench, checked.runtimes, checkpoints, plan.num_layers, vocab, reporter, onnx_export,
+            device=device, dtype=dtype,
+            vllm_engine=bench_vllm_engine(checked.target_options, checked.target_context, dtype),
+        )  # fmt: skip
+
+
+def bench_vllm_engine(options: dict[str, Any], context: TargetContext, dtype: str) -> dict[str, Any]:
+    """vLLM's engine for the bench: the vllm target's settings (the run's compute dtype where no
+    vllm target is built) and the memory the plan gives vLLM."""
+    from prunecomp_export.targets.vllm import Options
+
+    chosen = options.get("vllm") or Options(dtype=dtype if dtype in ("float32", "bfloat16", "float16") else "auto")
+    return {k: v for k, v in chosen.engine(context.vllm_engine).items() if k != "max_model_len"}
 
 
 def _results(
@@ -362,6 +416,7 @@ def _results(
     recipe, plan = checked.recipe, checked.plan
     final = plan.num_drop
     identity = loaded.identity
+    targets = deployed_targets(target_records)
     return RunResults(
         schema=SCHEMA,
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -385,12 +440,13 @@ def _results(
             baseline_accuracy_kept_percent=accuracy_kept(rows, "baseline", final),
         ),
         bench=bench_results,
-        signoff=evaluate_signoff(
-            recipe.signoff, rows, final, speedups_at(bench_results, final) if bench_results else None
+        signoff=with_target_parity(
+            evaluate_signoff(recipe.signoff, rows, final, speedups_at(bench_results, final) if bench_results else None),
+            targets,
         ),
         execution=Execution.model_validate(loaded.placement.describe()),
         memory_plan=MemoryPlanRecord.model_validate(checked.memory.to_json()),
-        targets=deployed_targets(target_records),
+        targets=targets,
         costs=meter.stages,
         peak_rss_bytes=meter.process_peak_rss_bytes(),
         packages=_package_versions(),

@@ -122,6 +122,17 @@ def test_torch_worker_times_a_tiny_checkpoint_in_its_own_process(tmp_path):
     _assert_timed(result)
     for name in ("p", "d", "t"):
         assert 0 < result["scenarios"][name]["layer_share"] <= 1
+    assert (result["device"], result["dtype"]) == ("cpu", "float32")
+
+
+def test_torch_worker_times_the_model_in_the_recipes_dtype(tmp_path):
+    """The bench times what is deployed: a bf16 recipe's model is timed in bf16, not fp32."""
+    from tests.conftest import make_model
+
+    make_model("llama").save_pretrained(tmp_path)
+    result = run_worker(_tiny_job("torch", tmp_path, dtype="bfloat16"), sys.executable, timeout_s=300)
+    _assert_timed(result)
+    assert (result["device"], result["dtype"]) == ("cpu", "bfloat16")
 
 
 def test_worker_errors_are_one_line_naming_the_log(tmp_path, monkeypatch):
@@ -135,11 +146,11 @@ def test_worker_errors_are_one_line_naming_the_log(tmp_path, monkeypatch):
 
 def test_onnxruntime_worker_times_an_exported_tiny_checkpoint(tmp_path):
     pytest.importorskip("onnxruntime")
-    from prunecomp_export.targets.onnx import ONNX_FILE, export_onnx
+    from prunecomp_export.targets.export.torch_onnx import ONNX_FILE, export
     from tests.conftest import make_model
 
     make_model("llama").save_pretrained(tmp_path / "ckpt")
-    export_onnx(tmp_path / "ckpt", tmp_path / "onnx")
+    export(str(tmp_path / "ckpt"), str(tmp_path / "onnx"))
     job = _tiny_job("onnxruntime", tmp_path / "ckpt", onnx_path=str(tmp_path / "onnx" / ONNX_FILE))
     result = run_worker(job, sys.executable, timeout_s=300)
     _assert_timed(result)

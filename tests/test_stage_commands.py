@@ -127,7 +127,7 @@ def test_serve_script_fails_when_the_checkpoint_is_gone(output, tmp_path):
 
 def test_records_give_paths_relative_to_the_output(output):
     manifest = json.loads((output / "prunecomp_manifest.json").read_text())
-    record = manifest["targets"]["vllm"]
+    record = manifest["targets"]["vllm"]["artifact"]
     assert record["checkpoint"] == "checkpoint"
     assert record["serve_command"][record["serve_command"].index("--model") + 1] == "checkpoint"
     assert manifest["recipe"]["output"]["dir"] == "."
@@ -137,15 +137,23 @@ def test_records_give_paths_relative_to_the_output(output):
 def test_results_and_reports_show_the_targets_parity(output):
     results = json.loads((output / "results.json").read_text())
     (vllm,) = results["targets"]
-    assert (vllm["target"], vllm["passed"]) == ("vllm", True)
-    (check,) = vllm["checks"]
-    # one prompt ("t5 t6 t7"), greedy-equal on the stand-in vLLM
-    assert (check["name"], check["measured"], check["comparison"], check["limit"]) == ("greedy_tokens", 1, ">=", 1)
-    assert check["passed"] is True and check["detail"].startswith("float32, ")
-    assert "(at most 4 a prompt)" in check["detail"]
-    row = "| vllm | greedy_tokens | 1 | ≥ 1 | prompts greedy-equal | PASS |"
-    assert row in (output / "report.md").read_text()
-    assert "<td>vllm</td><td>greedy_tokens</td><td>1</td><td>≥ 1</td>" in (output / "report.html").read_text()
+    assert (vllm["target"], vllm["passed"], vllm["runtime"], vllm["dtype"]) == (
+        "vllm",
+        True,
+        "vLLM 0.0-fake",
+        "float32",
+    )
+    # one prompt ("t5 t6 t7": 3 tokens, 2 predicted) and at most 4 new tokens
+    assert 3 <= vllm["tokens_compared"] <= 6
+    largest, mean, close = vllm["checks"]
+    assert (largest["name"], largest["comparison"], largest["limit"]) == ("logprob_max", "<=", 0.005)
+    assert largest["measured"] < 1e-3 and mean["measured"] <= largest["measured"]  # fp32 against fp32: exact
+    assert (close["name"], close["measured"], close["limit"], close["passed"]) == ("greedy_close", 1, 1, True)
+    assert results["signoff"]["passed"] is True
+    assert [c["name"] for c in results["signoff"]["checks"]] == ["target_parity"]
+    report = (output / "report.md").read_text()
+    assert "| vllm | greedy_close | 1 | ≥ 1 | continuations close | PASS |" in report
+    assert "<td>vllm</td><td>greedy_close</td><td>1</td><td>≥ 1</td>" in (output / "report.html").read_text()
 
 
 # --- the command line ----------------------------------------------------------------------------
@@ -260,16 +268,18 @@ def test_export_builds_a_target_into_the_output_and_records_it(output, tmp_path,
     result = invoke("export", str(moved), "--target", "vllm")
     assert result.exit_code == 0, result.output
     manifest = json.loads((moved / "prunecomp_manifest.json").read_text())
-    assert manifest["targets"]["vllm"]["tokens_equal"] is True
-    assert manifest["targets"]["vllm"]["checkpoint"] == "checkpoint"
+    assert manifest["targets"]["vllm"]["passed"] is True
+    assert manifest["targets"]["vllm"]["artifact"]["checkpoint"] == "checkpoint"
     assert "targets/vllm/serve.sh" in manifest["files"]
     results = json.loads((moved / "results.json").read_text())
     assert results["schema"] == "prunecomp-results/5"
-    assert [
-        (t["target"], t["passed"], [(c["measured"], c["limit"]) for c in t["checks"]]) for t in results["targets"]
-    ] == [("vllm", True, [(1, 1)])]
-    assert "| vllm | greedy_tokens | 1 | ≥ 1 | prompts greedy-equal | PASS |" in (moved / "report.md").read_text()
-    assert "vllm: greedy_tokens 1 ≥ 1 (prompts greedy-equal): PASS" in result.output
+    assert [(t["target"], t["passed"], [c["name"] for c in t["checks"]]) for t in results["targets"]] == [
+        ("vllm", True, ["logprob_max", "logprob_mean", "greedy_close"])
+    ]
+    assert "| vllm | greedy_close | 1 | ≥ 1 | continuations close | PASS |" in (moved / "report.md").read_text()
+    assert "vllm (vLLM 0.0-fake float32, " in result.output and "greedy_close 1 ≥ 1 (continuations close): PASS" in (
+        result.output
+    )
     assert (moved / "checkpoint" / "model.safetensors").stat().st_ino == weights.st_ino  # linked, not copied
     assert [p.name for p in moved.parent.iterdir()] == ["moved"]  # no staging or lock left
     assert invoke("verify", str(moved)).exit_code == 0
@@ -285,7 +295,7 @@ def test_a_failing_export_leaves_the_output_as_it_was(output, tmp_path, monkeypa
     result = invoke("export", str(moved), "--target", "vllm")
     assert result.exit_code == 2
     (line,) = errors(result)
-    assert "the vllm target needs vllm" in line
+    assert "cannot import vllm" in line
     assert {p: p.read_bytes() for p in moved.rglob("*") if p.is_file()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["moved", "python-no-vllm"]  # no staging or lock left
 
@@ -305,11 +315,12 @@ def test_export_waits_for_no_one_while_a_run_holds_the_output(output, tmp_path):
 
 
 def test_serve_runs_the_server_on_the_checkpoint_with_the_recorded_options(output, monkeypatch):
-    from prunecomp_export.targets import vllm
+    from prunecomp_export.targets import vllm as target
+    from prunecomp_export.targets.runtimes import vllm
 
     calls = []
-    monkeypatch.setattr(vllm, "preflight", lambda options: None)
-    monkeypatch.setattr(vllm, "serve", lambda checkpoint, options: calls.append((checkpoint, options)) or 0)
+    monkeypatch.setattr(target.VllmTarget, "preflight", lambda self, options, context: None)
+    monkeypatch.setattr(vllm, "serve", lambda checkpoint, options, planned: calls.append((checkpoint, options)) or 0)
     assert invoke("serve", str(output)).exit_code == 0
     assert invoke("serve", str(output), "--host", "0.0.0.0", "--port", "8123").exit_code == 0
     (checkpoint, default), (_, chosen) = calls
@@ -328,7 +339,7 @@ def test_serve_without_vllm_is_one_line(output, tmp_path, monkeypatch):
     result = invoke("serve", str(output))
     assert result.exit_code == 2
     (line,) = errors(result)
-    assert line.startswith("prunecomp-export: error: the vllm target needs vllm")
+    assert line.startswith("prunecomp-export: error: vLLM is needed") and "cannot import vllm" in line
 
 
 # --- bench ---------------------------------------------------------------------------------------
@@ -360,3 +371,58 @@ def test_bench_refuses_a_source_that_is_not_the_pruned_model(output, tmp_path):
     (line,) = errors(result)
     assert "not the model this output was pruned from" in line
     assert not (moved / "bench.json").exists()
+
+
+# --- a failed target is a failed sign-off, not a lost run -----------------------------------------
+
+
+def test_a_target_that_fails_its_parity_leaves_a_complete_output_and_export_retries_it(run_dir, vllm_python, tmp_path):
+    """The stand-in vLLM computing another model (every logit x1.5): the run still writes the
+    checkpoint, manifest and reports, marks the target failed with its figures, exits 1; the
+    stage command builds it again on the (now right) runtime and the sign-off passes."""
+    out = tmp_path / "failed"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("PRUNECOMP_VLLM_PYTHON", str(vllm_python))
+        patch.setenv("FAKE_VLLM_SCALE", "1.5")
+        result = invoke(str(run_dir / "recipe.yaml"), "--target", "vllm", "--output", str(out))
+    assert result.exit_code == 1, result.output
+    assert {"checkpoint", "prunecomp_manifest.json", "results.json", "report.md", "report.html"} <= {
+        p.name for p in out.iterdir()
+    }
+    results = json.loads((out / "results.json").read_text())
+    (vllm,) = results["targets"]
+    assert vllm["passed"] is False and vllm["checks"][0]["measured"] > vllm["checks"][0]["limit"]
+    (signoff,) = results["signoff"]["checks"]
+    assert (signoff["name"], signoff["passed"], signoff["detail"]) == ("target_parity", False, "failed: vllm")
+    assert "**FAIL**" in (out / "report.md").read_text() and "| vllm | logprob_max |" in (out / "report.md").read_text()
+    assert json.loads((out / "prunecomp_manifest.json").read_text())["targets"]["vllm"]["passed"] is False
+    assert invoke("verify", str(out)).exit_code == 0  # the output is complete and consistent
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("PRUNECOMP_VLLM_PYTHON", str(vllm_python))
+        retried = invoke("export", str(out), "--target", "vllm")
+    assert retried.exit_code == 0, retried.output
+    results = json.loads((out / "results.json").read_text())
+    assert results["targets"][0]["passed"] is True and results["signoff"]["passed"] is True
+    assert "**PASS**" in (out / "report.md").read_text()
+
+
+def test_a_target_that_crashes_is_recorded_with_its_error_and_the_run_exits_1(run_dir, tmp_path):
+    """A vLLM whose engine dies (the interpreter has vllm, importing it fails): the output is
+    complete, the target is failed with the error line that names the child's log."""
+    broken = tmp_path / "python-broken-vllm"
+    package = tmp_path / "broken" / "vllm"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("raise RuntimeError('engine core died')\n")
+    broken.write_text(
+        f'#!/bin/sh\nPYTHONPATH={package.parent}${{PYTHONPATH:+:$PYTHONPATH}} exec {sys.executable} "$@"\n'
+    )
+    broken.chmod(0o755)
+    out = tmp_path / "crashed"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("PRUNECOMP_VLLM_PYTHON", str(broken))
+        result = invoke(str(run_dir / "recipe.yaml"), "--target", "vllm", "--output", str(out))
+    assert result.exit_code == 1, result.output
+    (vllm,) = json.loads((out / "results.json").read_text())["targets"]
+    assert vllm["passed"] is False and vllm["checks"] == [] and "engine core died" in vllm["error"]
+    assert "| vllm | built |  |  |  | FAIL |" in (out / "report.md").read_text()

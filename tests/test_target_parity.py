@@ -1,239 +1,233 @@
-"""Each target's parity figures as the sign-off report shows them: records shaped by the target
-modules' own functions (onnx's ``check_parity`` on a stand-in runtime, genai's and vLLM's greedy
-comparisons) turned into ``ParityCheck`` rows, a failing record gives a failing row, and results.json,
-report.md, report.html and the console line show every check."""
+"""The one parity check (``targets/parity.py``): the layer-streamed reference against transformers
+computed independently, vLLM's ``check_logprobs_close`` rule on hand-made continuations, the stop
+rule, both directions on a tiny model (a right fp32 runtime passes exactly, a wrong model fails),
+and the figures as results.json, report.md, report.html and the console show them."""
 
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
+from pathlib import Path
 
 import jsonschema
-import numpy as np
 import pytest
 from pydantic import ValidationError
 
 from prunecomp_export.report.render import NO_TARGETS, render_html, render_markdown, target_line
 from prunecomp_export.report.results import SCHEMA_FILE, RunResults, TargetParity, deployed_targets
-from prunecomp_export.targets import onnx, target_parity, tensorrt, vllm
+from prunecomp_export.targets import TargetRecord, target_parity
+from prunecomp_export.targets import parity as P
 from tests.test_report import hand_made
+from tests.tiny_checkpoint import EOS, make_checkpoint, swapped_layers, transformers_run
 
-PROMPTS = [[5, 17, 33, 9, 41], [7, 12, 3]]
-TOLERANCE = 1e-3
-OFFSET = 0.25
+PROMPTS = ["Hello, world", "The cat sat on the mat and"]
 
 
 @pytest.fixture(scope="module")
-def model():
-    from tests.conftest import make_model
-
-    return make_model("llama")
+def checkpoint(tmp_path_factory) -> Path:
+    return make_checkpoint(tmp_path_factory.mktemp("tiny"), layers=3)
 
 
-def stand_in_runtime(model, cached_offset: float = 0.0):
-    """A runtime computing exactly what transformers computes (its "cache" is the ids and positions
-    seen so far), plus ``cached_offset`` on every logit of a cached step: a runtime with a broken cache."""
-
-    def run(ids, mask, positions, past=None):
-        new = ids.shape[1]
-        if past is not None:
-            ids, positions = np.concatenate([past[0], ids], 1), np.concatenate([past[1], positions], 1)
-        logits = onnx.hf_logits(model, ids, mask, positions)[:, -new:]
-        return logits + (cached_offset if past is not None else 0.0), [ids, positions]
-
-    return run
+# --- the reference -------------------------------------------------------------------------------
 
 
-def logit_record(model, cached_offset: float = 0.0, tolerance: float = TOLERANCE, target: str = "onnx") -> dict:
-    """The parity part of an onnx (or tensorrt) record, as ``build`` writes it."""
-    run = stand_in_runtime(model, cached_offset)
-    checks = onnx.check_parity(run, model, PROMPTS, tolerance=tolerance, decode_steps=2, pad_id=0)
-    return {"target": target, "tolerance": tolerance, "checks": checks, "passed": True}
+def test_the_streamed_reference_is_what_transformers_computes(checkpoint):
+    """Two sequences of different lengths in one right-padded batch, the head in chunks of 3 tokens:
+    each token's log-probability and the top-k equal a plain fp32 transformers forward's."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    sequences = [([5, 17, 33, 9, 41, 7, 99], 4), ([7, 12, 3], 2)]
+    scores = P.reference_scores(checkpoint, sequences, top_k=4, logits_chunk=3)
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    for (ids, prompt_length), score in zip(sequences, scores, strict=True):
+        with torch.no_grad():
+            expected = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), -1)
+        wanted = [float(expected[j, t]) for j, t in enumerate(ids[1:])]
+        assert score.token_logprobs == pytest.approx(wanted, abs=1e-5)
+        assert len(score.top) == len(ids) - prompt_length
+        for position, top in enumerate(score.top):
+            values, indices = expected[prompt_length - 1 + position].topk(4)
+            assert sorted(top) == sorted(indices.tolist())
+            assert [top[i] for i in indices.tolist()] == pytest.approx(values.tolist(), abs=1e-5)
 
 
-def genai_greedy(hf_new, genai_new, genai_prompt_ids=(1, 5, 6)) -> dict:
-    greedy = onnx.compare_genai_greedy("a|b", [1, 5, 6], list(genai_prompt_ids), hf_new, genai_new, eos={2})
-    return {**greedy, "seconds": 0.1}
+def test_stop_ids_come_from_the_generation_config_and_the_tokenizer(checkpoint, tmp_path):
+    from transformers import AutoTokenizer
+
+    assert P.stop_token_ids(checkpoint, AutoTokenizer.from_pretrained(checkpoint)) == [EOS]
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 7]}))
+    assert P.stop_token_ids(tmp_path) == [2, 7]
 
 
-def vllm_record(rows: list[dict]) -> dict:
-    """A vllm record, with the keys ``vllm.build`` writes that its parity reads."""
-    return {
-        "target": "vllm",
-        "dtype": "float32",
-        "max_new_tokens": 4,
-        "tokens_equal": all(row["tokens_equal"] and row["prompt_ids_equal"] for row in rows),
-        "prompts": rows,
-    }
+# --- the comparison, on hand-made continuations ----------------------------------------------------
+
+TOLERANCE = P.Tolerance(max_abs=0.5, mean_abs=0.1)
 
 
-def vllm_rows(vllm_new_ids, vllm_prompt_ids=((1, 5), (1, 6), (1, 7))) -> list[dict]:
-    hf = {
-        "prompt_ids": [[1, 5], [1, 6], [1, 7]],
-        "new_ids": [[7, 8, 2, 2], [9, 10, 11, 12], [3, 4, 5, 6]],
-        "texts": ["x", "y", "z"],
-        "stop_ids": [2],
-    }
-    out = {"prompt_ids": [list(p) for p in vllm_prompt_ids], "new_ids": vllm_new_ids, "texts": ["x", "y", "z"]}
-    return vllm.compare_greedy(["a", "b", "c"], hf, out)
+def run_of(new_ids, new_top, prompt_logprobs=(-1.0, -2.0), runtime_prompt_ids=None) -> P.RuntimeRun:
+    new_logprobs = [top[t] for top, t in zip(new_top, new_ids, strict=True)]
+    continuation = P.Continuation(
+        prompt_ids=[1, 5, 6], runtime_prompt_ids=runtime_prompt_ids, prompt_logprobs=list(prompt_logprobs),
+        new_ids=new_ids, new_logprobs=new_logprobs, new_top=new_top,
+    )  # fmt: skip
+    return P.RuntimeRun(runtime="r", dtype="bfloat16", continuations=[continuation])
 
 
-# --- onnx / tensorrt: logit differences ----------------------------------------------------------
+def reference_of(new_ids, top) -> P.ReferenceScores:
+    """The reference's log-probabilities: -1, -2 for the prompt, then its top's value of each token."""
+    return P.ReferenceScores(token_logprobs=[-1.0, -2.0, *(t[i] for t, i in zip(top, new_ids, strict=True))], top=top)
 
 
-def test_onnx_logit_checks_measure_the_difference_against_the_tolerance(model):
-    record = logit_record(model)
-    rows = onnx.parity_checks(record)
-    assert [r["name"] for r in rows] == ["prefill", "decode", "padded_batch"]
-    for row in rows:
-        assert row["measured"] == 0.0  # the stand-in computes exactly what transformers computes
-        assert (row["comparison"], row["limit"], row["unit"], row["passed"]) == ("<=", TOLERANCE, onnx.LOGIT_UNIT, True)
-    assert [r["detail"] for r in rows] == [
-        "5 prompt tokens, no cache",
-        "2 cached decode steps on the runtime's own cache",
-        "prompts of 5 and 3 tokens left-padded in one batch, then 1 cached step",
-    ]
+def compare(run, ref) -> P.ParityReport:
+    return P.compare(["p"], run, [ref], TOLERANCE, top_k=2, reference="ref")
 
 
-def test_a_broken_cache_fails_the_cached_checks_only(model):
-    rows = {r["name"]: r for r in onnx.parity_checks(logit_record(model, cached_offset=OFFSET))}
-    assert rows["prefill"]["passed"] and rows["prefill"]["measured"] == 0.0
-    for name in ("decode", "padded_batch"):
-        assert rows[name]["measured"] == pytest.approx(OFFSET, abs=1e-5)
-        assert rows[name]["passed"] is False
-    (parity,) = target_parity({"onnx": logit_record(model, cached_offset=OFFSET)})
-    assert parity["target"] == "onnx" and parity["passed"] is False
+def test_identical_continuations_have_no_divergence_and_zero_difference():
+    top = [{7: -0.1, 8: -2.5}, {9: -0.2, 4: -1.9}]
+    report = compare(run_of([7, 9], top), reference_of([7, 9], top))
+    assert report.passed and report.divergences == []
+    assert (report.prompt_tokens, report.new_tokens, report.max_abs_diff) == (2, 2, 0.0)
 
 
-def test_tensorrt_shows_the_same_logit_checks(model):
-    rows = tensorrt.parity_checks(logit_record(model, cached_offset=OFFSET, tolerance=0.5, target="tensorrt"))
-    assert [(r["name"], r["limit"], r["passed"]) for r in rows] == [
-        ("prefill", 0.5, True),
-        ("decode", 0.5, True),  # 0.25 is within fp16's tolerance
-        ("padded_batch", 0.5, True),
-    ]
-    strict = tensorrt.parity_checks(logit_record(model, cached_offset=OFFSET, tolerance=0.1, target="tensorrt"))
-    assert [r["passed"] for r in strict] == [True, False, False]
-    assert rows[1]["measured"] == pytest.approx(OFFSET, abs=1e-5)
+def test_a_divergence_at_a_near_tie_inside_both_top_k_is_close():
+    runtime_top = [{7: -0.1, 8: -2.5}, {4: -0.70, 9: -0.72}]
+    reference_top = [{7: -0.1, 8: -2.5}, {9: -0.70, 4: -0.75}]
+    report = compare(run_of([7, 4], runtime_top), reference_of([7, 4], reference_top))
+    (divergence,) = report.divergences
+    assert (divergence.position, divergence.runtime_token, divergence.reference_token) == (1, 4, 9)
+    assert divergence.gap == pytest.approx(0.05) and divergence.near_tie and divergence.close
+    assert report.generation_passed
+    assert report.max_abs_diff == pytest.approx(0.05)  # the runtime's -0.70 for token 4 against -0.75
 
 
-# --- genai: greedy tokens ------------------------------------------------------------------------
+def test_a_token_outside_the_other_sides_top_k_is_not_close_and_nothing_after_it_counts():
+    runtime_top = [{3: -0.2, 8: -2.5}, {5: -0.1, 6: -3.0}]
+    reference_top = [{7: -0.1, 8: -2.5, 3: -4.0}, {5: -0.1, 6: -3.0}]
+    report = compare(run_of([3, 5], runtime_top), reference_of([3, 5], reference_top))
+    (divergence,) = report.divergences
+    assert divergence.position == 0 and not divergence.close and not divergence.near_tie
+    assert divergence.gap == pytest.approx(3.9)
+    assert not report.generation_passed and not report.passed
+    rows = {row["name"]: row for row in report.checks()}
+    assert rows["greedy_close"]["measured"] == 0 and "not in each other's top-k" in rows["greedy_close"]["detail"]
 
 
-def test_genai_greedy_counts_equal_tokens_up_to_the_end_of_sequence():
-    row = onnx.genai_greedy_check(genai_greedy([7, 8, 9, 2, 2], [7, 8, 9]))
-    assert row == {
-        "name": "genai_greedy",
-        "measured": 3,
-        "comparison": ">=",
-        "limit": 3,
-        "unit": "greedy tokens equal",
-        "passed": True,
-        "detail": "prompt 'a|b' (3 tokens)",
-    }
+def test_log_probabilities_over_the_tolerance_fail_even_with_every_token_equal():
+    top = [{7: -0.1, 8: -2.5}]
+    report = compare(run_of([7], top, prompt_logprobs=(-1.0, -2.9)), reference_of([7], top))
+    assert report.generation_passed and not report.logprobs_passed
+    assert report.max_abs_diff == pytest.approx(0.9) and report.mean_abs_diff == pytest.approx(0.3)
+    nan = compare(run_of([7], top, prompt_logprobs=(-1.0, math.nan)), reference_of([7], top))
+    assert nan.max_abs_diff == math.inf and not nan.passed  # a broken runtime cannot pass
 
 
-@pytest.mark.parametrize(
-    ("hf_new", "genai_new", "measured", "limit"),
-    [
-        ([7, 8, 9], [7, 4, 9], 1, 3),  # a differing token
-        ([7, 2], [7, 8, 9], 1, 3),  # genai runs on past transformers' end of sequence
-        ([7, 8, 9], [7], 1, 3),  # genai stops early
-    ],
-)
-def test_genai_greedy_mismatch_fails_and_names_the_token(hf_new, genai_new, measured, limit):
-    row = onnx.genai_greedy_check(genai_greedy(hf_new, genai_new))
-    assert (row["measured"], row["limit"], row["passed"]) == (measured, limit, False)
-    assert row["detail"] == "prompt 'a|b' (3 tokens); first mismatch at new token 1"
+def test_a_runtime_tokenizer_that_encodes_the_prompt_differently_fails_generation():
+    top = [{7: -0.1, 8: -2.5}]
+    report = compare(run_of([7], top, runtime_prompt_ids=[1, 5]), reference_of([7], top))
+    assert report.logprobs_passed and not report.generation_passed
+    assert "tokenizer encodes it differently" in report.checks()[2]["detail"]
 
 
-def test_genai_tokenizer_mismatch_fails_with_every_token_equal():
-    row = onnx.genai_greedy_check(genai_greedy([7, 8], [7, 8], genai_prompt_ids=(5, 6)))
-    assert (row["measured"], row["limit"], row["passed"]) == (2, 2, False)
-    assert row["detail"] == "prompt 'a|b' (3 tokens); genai's tokenizer encodes it differently"
+def test_the_one_stop_rule_keeps_the_stop_token_and_drops_what_follows():
+    top = [{7: -0.1}, {2: -0.1}, {9: -0.1}]
+    (continuation,) = run_of([7, 2, 9], top).continuations
+    cut = continuation.until_stop([2])
+    assert (cut.new_ids, cut.new_logprobs, len(cut.new_top)) == ([7, 2], [-0.1, -0.1], 2)
+    assert continuation.until_stop([]).new_ids == [7, 2, 9]
 
 
-def test_onnx_record_with_a_genai_package_adds_its_greedy_check(model):
-    record = {**logit_record(model), "genai": {"dir": "genai", "greedy": genai_greedy([7, 8, 9], [7, 8, 9])}}
-    rows = onnx.parity_checks(record)
-    assert [r["name"] for r in rows] == ["prefill", "decode", "padded_batch", "genai_greedy"]
-    assert (rows[-1]["measured"], rows[-1]["limit"]) == (3, 3)
-
-
-# --- vllm: greedy tokens on every prompt ---------------------------------------------------------
-
-
-def test_vllm_counts_the_prompts_whose_greedy_tokens_are_equal():
-    (row,) = vllm.parity_checks(vllm_record(vllm_rows([[7, 8, 2], [9, 10, 11, 12], [3, 4, 5, 6]])))
-    assert row == {
-        "name": "greedy_tokens",
-        "measured": 3,
-        "comparison": ">=",
-        "limit": 3,
-        "unit": "prompts greedy-equal",
-        "passed": True,
-        "detail": "float32, 11 new tokens of transformers compared (at most 4 a prompt)",
-    }
-
-
-def test_vllm_differing_tokens_or_prompt_ids_fail_and_are_named():
-    rows = vllm_rows([[7, 8, 2], [9, 10, 99, 12], [3, 4, 5, 6]], vllm_prompt_ids=((1, 5), (1, 6), (7,)))
-    (row,) = vllm.parity_checks(vllm_record(rows))
-    assert (row["measured"], row["limit"], row["passed"]) == (1, 3, False)
-    assert row["detail"] == (
-        "float32, 11 new tokens of transformers compared (at most 4 a prompt); "
-        "'b' first mismatch at new token 2; 'c' tokenized differently"
+def test_tolerances_are_set_for_every_dtype_and_overridable():
+    assert set(P.TOLERANCES) == {"float32", "bfloat16", "float16", "int8", "int4"}
+    assert P.TOLERANCES["float32"][0] < P.TOLERANCES["bfloat16"][0]
+    assert P.ParityOptions(max_logprob_diff=0.3).tolerance("bfloat16") == P.Tolerance(
+        max_abs=0.3, mean_abs=P.TOLERANCES["bfloat16"][1]
     )
+
+
+# --- both directions on a tiny model --------------------------------------------------------------
+
+
+def test_an_fp32_runtime_on_the_right_model_is_exact(checkpoint):
+    run = transformers_run(checkpoint, PROMPTS, dtype="float32", stop_ids=[EOS])
+    report = P.check(checkpoint, PROMPTS, run, P.ParityOptions(prompts=PROMPTS), [EOS])
+    assert report.passed, report.summary()
+    assert report.max_abs_diff < 1e-4 and report.divergences == []
+    assert report.tokens_compared == sum(len(p.encode()) - 1 for p in PROMPTS) + report.new_tokens
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_a_runtime_given_a_wrong_model_fails_in_every_dtype(checkpoint, tmp_path, dtype):
+    """Layers 0 and 1 swapped, run in ``dtype``, judged against the right checkpoint's reference."""
+    wrong = swapped_layers(checkpoint, tmp_path / "swapped", 0, 1)
+    run = transformers_run(wrong, PROMPTS, dtype=dtype, stop_ids=[EOS])
+    report = P.check(checkpoint, PROMPTS, run, P.ParityOptions(prompts=PROMPTS), [EOS])
+    assert not report.logprobs_passed, report.summary()
+    assert report.max_abs_diff > P.TOLERANCES[dtype][0]
 
 
 # --- results.json and the reports ---------------------------------------------------------------
 
 
-def deployed(model) -> list[TargetParity]:
-    """An onnx target (with genai) that passed and a vllm target that failed on one prompt."""
-    onnx_record = {**logit_record(model), "genai": {"greedy": genai_greedy([7, 8, 9], [7, 8, 9])}}
-    rows = vllm_rows([[7, 8, 2], [9, 10, 99, 12], [3, 4, 5, 6]])
-    return deployed_targets({"onnx": onnx_record, "vllm": vllm_record(rows)})
+def parity_report(max_abs: float = 0.01, divergence: bool = True) -> P.ParityReport:
+    gap = P.Divergence(prompt="a|b", position=3, runtime_token=4, reference_token=9, gap=0.04, near_tie=True,
+                       close=True)  # fmt: skip
+    prompt = P.PromptParity(prompt="a|b", prompt_tokens=5, new_tokens=8, max_abs_diff=max_abs, tokenizer_match=True,
+                            divergence=gap if divergence else None)  # fmt: skip
+    return P.ParityReport(
+        runtime="vLLM 0.32.0", dtype="bfloat16", reference="fp32 layer-streamed reference on cpu",
+        tolerance=P.tolerance_for("bfloat16"), top_k=5, prompt_tokens=4, new_tokens=8, max_abs_diff=max_abs,
+        mean_abs_diff=max_abs / 4, prompts=[prompt],
+    )  # fmt: skip
 
 
-def test_results_json_records_each_target_and_validates_against_the_schema(model):
-    results = hand_made(targets=deployed(model)).to_json()
+def deployed() -> list[TargetParity]:
+    """A vllm target that passed (with a near-tie divergence), an onnx target whose log-probabilities
+    are too far, and a tensorrt target that could not run."""
+    records = {
+        "vllm": TargetRecord.judged("vllm", parity_report(), {}).model_dump(mode="json"),
+        "onnx": TargetRecord.judged("onnx", parity_report(max_abs=2.3, divergence=False), {}).model_dump(mode="json"),
+        "tensorrt": TargetRecord(
+            target="tensorrt", passed=False, error="TensorRT check failed (log: x.log)"
+        ).model_dump(mode="json"),
+    }
+    return deployed_targets(records)
+
+
+def test_results_json_records_each_target_and_validates_against_the_schema():
+    results = hand_made(targets=deployed()).to_json()
     jsonschema.validate(results, json.loads(SCHEMA_FILE.read_text()))
     assert RunResults.model_validate(results).to_json() == results
-    assert [(t["target"], t["passed"], len(t["checks"])) for t in results["targets"]] == [
-        ("onnx", True, 4),
-        ("vllm", False, 1),
-    ]
-    assert results["targets"][1]["checks"][0]["measured"] == 2
+    vllm, onnx, tensorrt = results["targets"]
+    assert (vllm["passed"], vllm["dtype"], vllm["tokens_compared"]) == (True, "bfloat16", 12)
+    assert [c["name"] for c in vllm["checks"]] == ["logprob_max", "logprob_mean", "greedy_close"]
+    assert vllm["divergences"][0] | {"prompt": "a|b"} == {"prompt": "a|b", "position": 3, "runtime_token": 4,
+                                                       "reference_token": 9, "gap": 0.04, "near_tie": True,
+                                                       "close": True}  # fmt: skip
+    assert (onnx["passed"], onnx["checks"][0]["passed"], onnx["checks"][2]["passed"]) == (False, False, True)
+    assert (tensorrt["passed"], tensorrt["checks"], tensorrt["error"]) == (
+        False,
+        [],
+        "TensorRT check failed (log: x.log)",
+    )
     with pytest.raises(ValidationError):
-        hand_made(targets=[{"target": "onnx", "passed": True, "checks": []}])  # a target proves something
-    bad = {**results["targets"][1]["checks"][0], "comparison": "=="}
-    with pytest.raises(jsonschema.ValidationError):
-        jsonschema.validate({**results, "targets": [{**results["targets"][1], "checks": [bad]}]},
-                            json.loads(SCHEMA_FILE.read_text()))  # fmt: skip
+        hand_made(targets=[{"target": "onnx", "passed": True, "checks": []}])  # no checks and no error
 
 
-def test_markdown_lists_every_check_of_every_target(model):
-    markdown = render_markdown(hand_made(targets=deployed(model)))
+def test_markdown_lists_every_check_and_the_error_of_a_target_that_could_not_run():
+    markdown = render_markdown(hand_made(targets=deployed()))
     section = markdown[markdown.index("## Deployed targets") : markdown.index("## Cost")]
     table = [line for line in section.splitlines() if line.startswith("| ")]
     assert table[0] == "| target | check | measured | limit | unit | result | detail |"
-    assert table[1:4] == [
-        "| onnx | prefill | 0 | ≤ 0.001 | max abs logit diff | PASS | 5 prompt tokens, no cache |",
-        "| onnx | decode | 0 | ≤ 0.001 | max abs logit diff | PASS "
-        "| 2 cached decode steps on the runtime's own cache |",
-        "| onnx | padded_batch | 0 | ≤ 0.001 | max abs logit diff | PASS "
-        "| prompts of 5 and 3 tokens left-padded in one batch, then 1 cached step |",
-    ]
-    # a | in a prompt is escaped, so the row keeps its 7 cells
-    assert table[4] == "| onnx | genai_greedy | 3 | ≥ 3 | greedy tokens equal | PASS | prompt 'a\\|b' (3 tokens) |"
-    assert table[5] == (
-        "| vllm | greedy_tokens | 2 | ≥ 3 | prompts greedy-equal | FAIL "
-        "| float32, 11 new tokens of transformers compared (at most 4 a prompt); 'b' first mismatch at new token 2 |"
-    )
-    assert len(table) == 6
-    assert "when it was built: onnx PASS, vllm FAIL." in section
+    assert table[1].startswith("| vllm | logprob_max | 0.01 | ≤ 0.6 | max |log-prob diff| (nats) | PASS |".replace(
+        "|log-prob diff|", "\\|log-prob diff\\|"))  # fmt: skip
+    assert "diverged at new token 3 (a near-tie, 0.04 nats apart; close)" in table[3]
+    assert "'a\\|b'" in table[3]  # a | in a prompt is escaped, so the row keeps its 7 cells
+    assert table[4].startswith("| onnx | logprob_max | 2.3 | ≤ 0.6 |") and "| FAIL |" in table[4]
+    assert table[7] == "| tensorrt | built |  |  |  | FAIL | TensorRT check failed (log: x.log) |"
+    assert "built: vllm PASS, onnx FAIL, tensorrt FAIL." in section
 
 
 def test_markdown_and_html_say_when_no_target_was_built():
@@ -242,33 +236,29 @@ def test_markdown_and_html_say_when_no_target_was_built():
     assert f"<p id='targets'>{NO_TARGETS}</p>" in render_html(results)
 
 
-def test_html_shows_every_check_with_its_verdict(model):
-    page = render_html(hand_made(targets=deployed(model)))
+def test_html_shows_every_check_with_its_verdict():
+    page = render_html(hand_made(targets=deployed()))
     assert "<table id='targets'>" in page
-    assert (
-        "<tr><td>onnx</td><td>decode</td><td>0</td><td>≤ 0.001</td><td>max abs logit diff</td>"
-        "<td class='PASS'>PASS</td><td>2 cached decode steps on the runtime&#x27;s own cache</td></tr>"
-    ) in page
-    assert "<td>vllm</td><td>greedy_tokens</td><td>2</td><td>≥ 3</td>" in page
-    assert page.count("<td class='FAIL'>FAIL</td>") == 1
+    assert "<tr><td>vllm</td><td>greedy_close</td><td>1</td><td>≥ 1</td><td>continuations close</td>" in page
+    assert page.count("<td class='FAIL'>FAIL</td>") == 3  # onnx's two log-probability rows, tensorrt's error
 
 
-def test_console_line_gives_each_figure_and_its_bound(model):
-    onnx_parity, vllm_parity = deployed(model)
-    assert target_line(vllm_parity) == "vllm: greedy_tokens 2 ≥ 3 (prompts greedy-equal)"
-    assert target_line(onnx_parity).startswith("onnx: prefill 0 ≤ 0.001 (max abs logit diff), decode 0 ≤ 0.001")
+def test_console_line_gives_the_runtime_dtype_tokens_and_each_figure():
+    vllm, _, tensorrt = deployed()
+    assert target_line(vllm).startswith("vllm (vLLM 0.32.0 bfloat16, 12 tokens): logprob_max 0.01 ≤ 0.6")
+    assert target_line(tensorrt) == "tensorrt: TensorRT check failed (log: x.log)"
 
 
 def test_parity_figures_import_no_runtime():
     """results.json is written in the CLI process: reading the records must not import a backend."""
+    record = TargetRecord.judged("vllm", parity_report(), {}).model_dump(mode="json")
     code = (
-        "import sys; from prunecomp_export.targets import target_parity; "
-        "checks = {'prefill': {'max_abs_diff': 0.0, 'tokens': 3, 'passed': True}}; "
-        "target_parity({'onnx': {'checks': checks, 'tolerance': 0.1}, 'tensorrt': {'checks': checks, 'tolerance': 0.5},"
-        " 'vllm': {'dtype': 'float32', 'max_new_tokens': 1, 'tokens_equal': True, 'prompts': []}}); "
+        "import json, sys; from prunecomp_export.targets import target_parity; "
+        f"target_parity({{'vllm': json.loads({json.dumps(json.dumps(record))})}}); "
         "heavy = {'torch', 'transformers', 'onnx', 'onnxruntime', 'onnxruntime_genai', 'onnxscript', "
-        "'tensorrt', 'vllm'}; "
+        "'tensorrt', 'tensorrt_llm', 'vllm', 'numpy'}; "
         "loaded = sorted(heavy & set(sys.modules)); print(loaded); sys.exit(bool(loaded))"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
+    assert target_parity({"vllm": record})[0]["passed"] is True

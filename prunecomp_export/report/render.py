@@ -134,20 +134,27 @@ def limit_text(check: ParityCheck) -> str:
 
 
 def targets_table(results: RunResults) -> tuple[list[str], list[list[str]]]:
-    """One row per parity check of each built target: what it measured against the checkpoint."""
+    """One row per parity check of each built target: what its runtime measured against the
+    reference; a target that could not be built or run gets one row with the error."""
     header = ["target", "check", "measured", "limit", "unit", "result", "detail"]
-    table = [
-        [t.target, c.name, _figure(c.measured), limit_text(c), c.unit, _verdict(c.passed), c.detail]
-        for t in results.targets
-        for c in t.checks
-    ]
+    table = []
+    for target in results.targets:
+        if target.error is not None:
+            table.append([target.target, "built", "", "", "", _verdict(False), target.error])
+        table += [
+            [target.target, c.name, _figure(c.measured), limit_text(c), c.unit, _verdict(c.passed), c.detail]
+            for c in target.checks
+        ]
     return header, table
 
 
 def target_line(target: TargetParity) -> str:
-    """A built target's parity in one line (the console summary): each check's figure and bound."""
+    """A built target's parity in one line (the console summary): its runtime and dtype, the tokens
+    compared, each check's figure and bound; or the error that stopped it."""
+    if target.error is not None and not target.checks:
+        return f"{target.target}: {target.error}"
     checks = ", ".join(f"{c.name} {_figure(c.measured)} {limit_text(c)} ({c.unit})" for c in target.checks)
-    return f"{target.target}: {checks}"
+    return f"{target.target} ({target.runtime} {target.dtype}, {target.tokens_compared} tokens): {checks}"
 
 
 def _md_cell(text: str) -> str:
@@ -162,7 +169,11 @@ def targets_markdown(results: RunResults) -> list[str]:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(_md_cell(cell) for cell in row) + " |" for row in table]
     verdicts = ", ".join(f"{t.target} {_verdict(t.passed)}" for t in results.targets)
-    return [*lines, "", f"Each target against the checkpoint in transformers, when it was built: {verdicts}."]
+    return [
+        *lines,
+        "",
+        f"Each target's runtime against the checkpoint's fp32 layer-streamed reference, when it was built: {verdicts}.",
+    ]
 
 
 def bench_table(bench: dict) -> tuple[list[str], list[list[str]]]:

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from prunecomp_export.costs import StageCost
 
@@ -94,7 +94,7 @@ class Summary(_Strict):
 
 
 class SignoffCheck(_Strict):
-    name: Literal["min_accuracy_kept", "max_perplexity_ratio", "min_speedup"]
+    name: Literal["min_accuracy_kept", "max_perplexity_ratio", "min_speedup", "target_parity"]
     threshold: float
     value: float | None
     passed: bool
@@ -120,10 +120,11 @@ class Execution(_Strict):
 
 
 class ParityCheck(_Strict):
-    """One figure a deployment target measured against the checkpoint in transformers when it was
-    built: ``measured`` had to be ``comparison`` ``limit`` (a logit difference at most the tolerance,
-    a count of agreeing tokens or prompts at least the count compared). ``passed`` is the target's
-    own verdict, which may also need what ``detail`` names (the prompt tokenized alike)."""
+    """One figure a deployment target's runtime measured against the fp32 layer-streamed reference
+    of the written checkpoint (``targets/parity.py``): ``measured`` had to be ``comparison`` ``limit``
+    (the largest or mean |log-prob difference| at most the dtype's tolerance, the continuations close
+    in vLLM's top-k sense at least the prompts compared). ``passed`` is the check's verdict, which may
+    also need what ``detail`` names (the prompt tokenized alike)."""
 
     name: str
     measured: float
@@ -134,14 +135,45 @@ class ParityCheck(_Strict):
     detail: str
 
 
+class ParityDivergence(_Strict):
+    """Where a runtime's greedy continuation first differed from the reference's pick."""
+
+    prompt: str
+    #: index of the new token
+    position: int
+    runtime_token: int
+    reference_token: int
+    #: the reference's log-probability of its pick minus of the runtime's token (nats)
+    gap: float
+    #: the gap is within the dtype's largest log-probability tolerance
+    near_tie: bool
+    #: each side's token in the other's top-k
+    close: bool
+
+
 class TargetParity(_Strict):
     """A built target's proof that it computes what the checkpoint computes (``hf``, the checkpoint
-    itself, has none here: the reload check in the manifest is its proof)."""
+    itself, has none here: the reload check in the manifest is its proof), or why it has none."""
 
     target: str
-    #: every check passed
+    #: every check passed (False for a target that could not be built or run)
     passed: bool
-    checks: list[ParityCheck] = Field(min_length=1)
+    #: the runtime, e.g. "vLLM 0.32.0", and the precision it was judged in
+    runtime: str | None = None
+    dtype: str | None = None
+    reference: str | None = None
+    #: prompt and generated tokens whose log-probabilities were compared
+    tokens_compared: int | None = None
+    checks: list[ParityCheck] = Field(default_factory=list)
+    divergences: list[ParityDivergence] = Field(default_factory=list)
+    #: why the target failed without a verdict (it could not be built or run)
+    error: str | None = None
+
+    @model_validator(mode="after")
+    def _evidence(self) -> TargetParity:
+        if not self.checks and self.error is None:
+            raise ValueError("a target's parity needs its checks, or the error that stopped it")
+        return self
 
 
 class PlannedMachine(_Strict):

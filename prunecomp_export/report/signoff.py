@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 from prunecomp_export.evaluation.evaluator import Measurement
 from prunecomp_export.recipe import SignoffSpec
-from prunecomp_export.report.results import MeasurementRow, Signoff, SignoffCheck
+from prunecomp_export.report.results import MeasurementRow, Signoff, SignoffCheck, TargetParity
 
 #: a run's rows as the pipeline holds them, or as results.json holds them: the same fields
 Rows = Sequence[Measurement | MeasurementRow]
@@ -83,3 +83,22 @@ def evaluate_signoff(
             )
         )
     return Signoff(checks=checks, passed=all(c.passed for c in checks))
+
+
+def with_target_parity(signoff: Signoff, targets: Sequence[TargetParity]) -> Signoff:
+    """The sign-off with the deployed targets' parity as one more check: a target that failed its
+    parity check, or could not be built or run, fails the sign-off (exit 1), while the output stays
+    complete. Replaces an earlier such check (``export`` rebuilds targets)."""
+    checks = [check for check in signoff.checks if check.name != "target_parity"]
+    if targets:
+        failed = [target.target for target in targets if not target.passed]
+        checks.append(
+            SignoffCheck(
+                name="target_parity",
+                threshold=len(targets),
+                value=len(targets) - len(failed),
+                passed=not failed,
+                detail=f"failed: {', '.join(failed)}" if failed else "every target passed its parity check",
+            )
+        )
+    return Signoff(checks=checks, passed=all(check.passed for check in checks))

@@ -1,33 +1,33 @@
-"""Deployment targets. Each target is a module of its own that imports its runtime only inside
-``build``; this package maps target names to those modules without importing any runtime.
+"""Deployment targets, kept apart the way optimum keeps its exporters apart:
 
-A target module provides:
-- ``Options``: a pydantic model (``extra="forbid"``) of the target's recipe options, with defaults;
-- optionally ``preflight(options)``: the checks that need no model (runtime installed, hardware
-  present), run before any weight is read, raising ``TargetUnavailable``;
-- ``build(checkpoint: Path, out_dir: Path, options: Options) -> dict``: takes the pruned plain
-  HF checkpoint, writes everything into ``out_dir`` (a fresh temporary directory that the caller
-  renames to ``<output>/targets/<name>`` on success), proves the artifact computes what the
-  checkpoint computes, and returns a JSON-serialisable record for the manifest. No absolute path
-  of the output goes into what it writes (the output is staged, then renamed, and may be moved):
-  files in ``out_dir`` refer to the checkpoint relative to themselves, and the record's paths are
-  relative to the output directory (``out_dir`` is ``<output>/targets/<name>``). It raises
-  ``TargetUnavailable`` when its runtime or hardware is missing and ``ValidationFailed`` when a
-  parity check fails;
-- ``parity_checks(record) -> list[dict]`` (every target but ``hf``): its record's parity figures as
-  rows of the report's ``ParityCheck`` (name, measured, comparison, limit, unit, passed, detail), so
-  only the target module knows its record's layout.
+- ``export/``: building an artifact from the written checkpoint (the torch.onnx decoder,
+  onnxruntime-genai's model builder, a TensorRT engine);
+- ``runtimes/``: running one (ONNX Runtime, onnxruntime-genai, TensorRT, TensorRT-LLM, vLLM), each
+  returning a ``parity.RuntimeRun`` from a child process;
+- ``parity.py``: the one check every target passes, against the layer-streamed fp32 reference;
+- ``hf.py``, ``onnx.py``, ``vllm.py``, ``tensorrt.py``: each target a small ``Target`` over them.
+
+This package maps target names to those modules without importing any runtime. A target's
+``Options`` (pydantic, ``extra="forbid"``) are validated once, with its ``preflight`` (runtime
+installed, hardware present), before any weight is read (``validated_options``); ``build`` writes
+its artifact into ``out_dir`` (``<output>/targets/<name>``, no absolute path of the output inside) and
+returns a ``TargetRecord``. A target that fails its parity check or cannot run returns or becomes a
+failed record: the run's output stays complete and its sign-off fails (exit 1); ``prunecomp-export
+export OUT --target NAME`` builds it again.
 """
 
 from __future__ import annotations
 
 import importlib
+import shutil
 from collections.abc import Callable
 from pathlib import Path
-from types import ModuleType
-from typing import Any
+from typing import Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict, Field
 
 from prunecomp_export.registry import Registry
+from prunecomp_export.targets.parity import ParityReport
 
 TARGETS: Registry[str] = Registry("target")
 TARGETS.add("hf", "prunecomp_export.targets.hf")
@@ -36,59 +36,101 @@ TARGETS.add("vllm", "prunecomp_export.targets.vllm")
 TARGETS.add("tensorrt", "prunecomp_export.targets.tensorrt")
 
 
-def load_target(name: str) -> ModuleType:
-    """Import a target's module (cheap: runtimes are imported inside ``build``)."""
-    return importlib.import_module(TARGETS.get(name))
+class TargetContext(BaseModel):
+    """What a target knows of the run beyond its options: the model's architecture, where the
+    runtimes and the reference run, and what the memory plan gives them."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    #: the checkpoint's transformers architecture, e.g. "LlamaForCausalLM"
+    architecture: str = ""
+    #: the run's execution device: "cpu", "cuda", "cuda:1"
+    device: str = "cpu"
+    #: tokens per chunk of the reference's head (the plan's)
+    logits_chunk: int = Field(256, ge=1)
+    #: vLLM's memory and parallelism from the plan (``memory.py``): gpu_memory_utilization or
+    #: kv_cache_memory_bytes, max_model_len
+    vllm_engine: dict[str, Any] = Field(default_factory=dict)
 
 
-def build_target(name: str, checkpoint: str, out_dir: str, options: dict) -> dict:
-    """Build one target from its validated options (the entry point of the target's child process)."""
-    module = load_target(name)
-    return module.build(Path(checkpoint), Path(out_dir), module.Options.model_validate(options))
+class TargetRecord(BaseModel):
+    """What building a target produced, for the manifest and the report."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    target: str
+    passed: bool
+    #: the runtime against the fp32 reference; None when the target could not build or run
+    parity: ParityReport | None = None
+    #: why a target failed without a parity verdict (one line; a crash names its log)
+    error: str | None = None
+    #: what was built: files, versions, the serving command, seconds (paths relative to the output)
+    artifact: dict[str, Any] = Field(default_factory=dict)
+
+    @classmethod
+    def judged(cls, target: str, parity: ParityReport, artifact: dict[str, Any]) -> TargetRecord:
+        return cls(target=target, passed=parity.passed, parity=parity, artifact=artifact)
 
 
-def validated_options(name: str, raw: dict) -> Any:
-    """A target's ``Options`` from its recipe section, then its ``preflight`` (runtime installed,
-    hardware present): everything that can fail before any weight is read. Raises ``RecipeError``
-    naming the key path, or ``TargetUnavailable``."""
+class Target:
+    """A deployment target: its options, the checks it makes before any weight is read, its build."""
+
+    name: ClassVar[str]
+    Options: ClassVar[type[BaseModel]]
+
+    def preflight(self, options: Any, context: TargetContext) -> None:
+        """Everything that can fail before pruning (runtime installed, hardware present): raises
+        ``TargetUnavailable`` or ``RecipeError``."""
+
+    def build(self, checkpoint: Path, out_dir: Path, options: Any, context: TargetContext) -> TargetRecord:
+        raise NotImplementedError
+
+
+def load_target(name: str) -> Target:
+    """A target by name (cheap: runtimes are imported inside ``build``)."""
+    return importlib.import_module(TARGETS.get(name)).TARGET
+
+
+def build_target(name: str, checkpoint: str, out_dir: str, options: dict, context: dict) -> dict:
+    """Build one target (the entry point of the target's child process)."""
+    target = load_target(name)
+    record = target.build(
+        Path(checkpoint), Path(out_dir), target.Options.model_validate(options), TargetContext.model_validate(context)
+    )
+    return record.model_dump(mode="json")
+
+
+def validated_options(name: str, raw: dict, context: TargetContext | None = None) -> Any:
+    """A target's ``Options`` from its recipe section, then its ``preflight``: everything that can
+    fail before any weight is read. Raises ``RecipeError`` naming the key path, or ``TargetUnavailable``."""
     from pydantic import ValidationError
 
     from prunecomp_export.errors import RecipeError
 
-    module = load_target(name)
+    target = load_target(name)
     try:
-        options = module.Options.model_validate(raw)
+        options = target.Options.model_validate(raw)
     except ValidationError as exc:
         err = exc.errors()[0]
         key = ".".join(["targets", name, *map(str, err["loc"])])
         raise RecipeError(err["msg"], key=key) from None
-    if (check := getattr(module, "preflight", None)) is not None:
-        check(options)
+    target.preflight(options, context or TargetContext())
     return options
 
 
-def parity_checks(name: str, record: dict) -> list[dict]:
-    """A built target's parity figures, from its record (``ParityCheck`` rows)."""
-    return load_target(name).parity_checks(record)
-
-
-def target_parity(records: dict[str, dict]) -> list[dict]:
-    """Each built target's parity, in build order (``TargetParity`` for results.json): what the
-    sign-off report shows of each target's proof that it computes what the checkpoint computes."""
-    parity = []
-    for name, record in records.items():
-        checks = parity_checks(name, record)
-        parity.append({"target": name, "passed": all(c["passed"] for c in checks), "checks": checks})
-    return parity
+def failed_record(name: str, error: Exception) -> TargetRecord:
+    return TargetRecord(target=name, passed=False, error=" ".join(str(error).split()))
 
 
 def build_targets(
-    options: dict[str, Any], checkpoint: Path, output: Path, log: Callable[[str], None]
+    options: dict[str, Any], checkpoint: Path, output: Path, log: Callable[[str], None], context: TargetContext
 ) -> dict[str, dict]:
     """Build each target but ``hf`` (the checkpoint itself) from ``checkpoint`` into
-    ``output/targets/<name>`` (which must not exist), each in a child process of its own: the
-    pipeline's targets stage and ``prunecomp-export export`` alike. Each target's record, by name."""
+    ``output/targets/<name>``, each in a child process of its own: the pipeline's targets stage and
+    ``prunecomp-export export`` alike. A target that cannot build or run is recorded as failed with
+    its error (the output stays complete); Ctrl-C still stops everything. Each record, by name."""
     from prunecomp_export.child import ChildRequest, run_child
+    from prunecomp_export.errors import PrunecompError
 
     records = {}
     for name, chosen in options.items():
@@ -96,12 +138,36 @@ def build_targets(
             continue
         log(f"stage targets: {name}")
         out_dir = output / "targets" / name
+        shutil.rmtree(out_dir, ignore_errors=True)
         out_dir.mkdir(parents=True)
         request = ChildRequest(
             name=f"{name} target",
             target="prunecomp_export.targets:build_target",
             kwargs={"name": name, "checkpoint": str(checkpoint), "out_dir": str(out_dir),
-                    "options": chosen.model_dump()},
+                    "options": chosen.model_dump(mode="json"), "context": context.model_dump(mode="json")},
         )  # fmt: skip
-        records[name] = run_child(request).value
+        try:
+            record = TargetRecord.model_validate(run_child(request).value)
+        except PrunecompError as exc:  # a crash, a timeout, a runtime missing after all: a failed target
+            record = failed_record(name, exc)
+        verdict = "PASS" if record.passed else "FAIL"
+        why = record.parity.summary() if record.parity is not None else record.error
+        log(f"stage targets: {name} {verdict}: {why}")
+        records[name] = record.model_dump(mode="json")
     return records
+
+
+def target_parity(records: dict[str, dict]) -> list[dict]:
+    """Each built target's parity, in build order (``TargetParity`` for results.json)."""
+    parity = []
+    for name, raw in records.items():
+        record = TargetRecord.model_validate(raw)
+        entry: dict[str, Any] = {"target": name, "passed": record.passed, "error": record.error, "checks": []}
+        if (report := record.parity) is not None:
+            entry.update(
+                runtime=report.runtime, dtype=report.dtype, reference=report.reference,
+                tokens_compared=report.tokens_compared, checks=report.checks(),
+                divergences=[d.model_dump() for d in report.divergences],
+            )  # fmt: skip
+        parity.append(entry)
+    return parity

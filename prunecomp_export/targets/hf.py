@@ -10,6 +10,16 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict
 
+from prunecomp_export.targets import Target
+
 
 class Options(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+class HfTarget(Target):
+    name = "hf"
+    Options = Options
+
+
+TARGET = HfTarget()
