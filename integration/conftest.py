@@ -19,8 +19,8 @@ REQUIRE_VLLM = "PRUNECOMP_REQUIRE_VLLM"
 def vllm_version() -> str | None:
     """vLLM's version for the interpreter the vllm target uses; None when it is not installed there,
     unless $PRUNECOMP_REQUIRE_VLLM=1, where that is an error (CI must not skip the vLLM tests)."""
-    from prunecomp_export.targets.vllm import PYTHON_ENV, resolve_python
-    from prunecomp_export.targets.vllm import vllm_version as installed
+    from prunecomp_export.targets.runtimes.vllm import PYTHON_ENV, resolve_python
+    from prunecomp_export.targets.runtimes.vllm import vllm_version as installed
 
     python = resolve_python()
     version = installed(python)
@@ -40,3 +40,12 @@ def smollm2_demo_run(tmp_path_factory) -> pipeline.RunResult:
 def smollm2_pruned_dir(smollm2_demo_run) -> Path:
     """The pruned SmolLM2 demo checkpoint: a plain HF directory."""
     return smollm2_demo_run.output / "checkpoint"
+
+
+@pytest.fixture(scope="session")
+def smollm2_wrong_models(smollm2_demo_run, tmp_path_factory) -> dict[str, Path]:
+    """The demo's pruned checkpoint and two wrong models beside it: the same layers removed without
+    the compensation (written from the source by the same tensor surgery), and two layers swapped."""
+    from benchmarks.parity_tolerances import write_wrong_models
+
+    return write_wrong_models(smollm2_demo_run.output, tmp_path_factory.mktemp("wrong-models"))
