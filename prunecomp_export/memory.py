@@ -506,12 +506,14 @@ def _target_stage(name: str, options: Any, machine: Machine, shape: ModelShape, 
         host, how = shape.weights_bytes, "TensorRT-LLM loads the model onto its GPUs"
     else:
         host, how = 3 * fp32, "torch.onnx traces the whole model in fp32 on the host"
-    how += f"; parity reference streamed ({_gb(parity_reference(shape, chunk))} GB)"
+    reference = parity_reference(shape, chunk)
+    how += f"; parity reference streamed ({_gb(reference)} GB)"
     fits = host <= host_budget
     if not fits:
         how += f": {_gb(host)} GB, over the host budget of {_gb(host_budget)} GB"
-    device = shape.weights_bytes if machine.gpu else None
-    return StagePlan(f"targets: {name}", "child process", device, host, how, fits)
+    if machine.gpu:  # the runtime and then the reference on the device, one after the other
+        return StagePlan(f"targets: {name}", "child process", max(shape.weights_bytes, reference), host, how, fits)
+    return StagePlan(f"targets: {name}", "child process", None, max(host, reference), how, fits)
 
 
 def _vllm_target_stage(options: Any, machine: Machine, shape: ModelShape, budget: int, chunk: int) -> StagePlan:
@@ -526,10 +528,10 @@ def _vllm_target_stage(options: Any, machine: Machine, shape: ModelShape, budget
     reference = parity_reference(shape, chunk)
     how = f"vLLM {dtype}, {_gb(weights)} GB of weights a device ({tensor_parallel} device(s))"
     engine: dict[str, Any] = {}
-    if machine.gpu:
+    if machine.gpu:  # the reference runs on the device too, after vLLM has exited
         engine["gpu_memory_utilization"] = round(min(VLLM_MAX_UTILIZATION, budget / machine.device_total_bytes), 3)
         fits = weights < budget
-        need, host = budget, reference
+        need, host = max(budget, reference), 0
         how += f", gpu_memory_utilization {engine['gpu_memory_utilization']}"
     else:
         kv = min(VLLM_CPU_KV_CACHE_BYTES, budget - weights)
@@ -538,7 +540,7 @@ def _vllm_target_stage(options: Any, machine: Machine, shape: ModelShape, budget
             engine["kv_cache_memory_bytes"] = kv
             engine["max_model_len"] = min(shape.max_positions or VLLM_MAX_CONTEXT, kv // max(kv_per_token, 1))
             how += f", a {_gb(kv)} GB KV cache ({engine['max_model_len']} tokens)"
-        need = host = weights + max(kv, 0)
+        need = host = max(weights + max(kv, 0), reference)  # the reference runs after vLLM has exited
     how += f"; parity reference streamed ({_gb(reference)} GB)"
     refusal = (
         None

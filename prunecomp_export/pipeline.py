@@ -149,9 +149,11 @@ def preflight(recipe: Recipe, targets: list[str], bench: bool = False, machine: 
             corpus.check_corpus(name, key=f"evaluation.perplexity.corpora.{index}")
     device = machine.device if machine is not None else str(resolve_device(recipe.execution))
     context = TargetContext(architecture=(getattr(config, "architectures", None) or [""])[0], device=device)
-    options = {name: validated_options(name, recipe.targets.get(name, {}), context) for name in targets}
+    here = machine is None  # a plan for another machine checks the options, not this machine's runtimes
+    options = {name: validated_options(name, recipe.targets.get(name, {}), context, here=here) for name in targets}
     runtimes = runtimes_for(recipe.bench, targets) if bench else []
-    require_runtimes(runtimes)
+    if here:
+        require_runtimes(runtimes)
     memory = memory_plan(recipe, config, adapter, options, bench, machine, plan.num_layers - plan.num_drop)
     context = context.model_copy(update={"logits_chunk": memory.logits_chunk, "vllm_engine": _vllm_engine(memory)})
     return Checked(recipe, source, config, adapter, tied, plan, memory, options, context, runtimes, output)

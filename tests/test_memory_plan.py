@@ -321,3 +321,51 @@ def test_a_151k_vocabulary_prunes_with_the_demo_calibration_under_a_budget_below
     assert grown < batch_logits / 4, grown  # the head's output never existed for a whole batch
     assert results["trajectory"]["rounds"][0]["step"]["removed"]
     assert [m["variant"] for m in results["measurements"]] == ["dense", "prunecomp"]
+
+
+# -- the vllm target: its memory from the plan ------------------------------------------------------
+
+
+def test_vllm_on_gpus_gets_the_budgets_share_of_the_gpu_and_the_pruned_model_split_over_them():
+    """A 70B model pruned to 60 layers, bf16, over 4 GPUs of 80 GB with 70 GB free: vLLM is told
+    D / total = 0.8 x 70 / 80 of each GPU; each holds W' / 4, W' = W less 20 layers (by hand)."""
+    from prunecomp_export.targets.vllm import Options
+
+    machine = Machine("cuda", 70 * GB, 256 * GB, 80 * GB)
+    options = Options(dtype="bfloat16", tensor_parallel_size=4)
+    plan = make_memory_plan(recipe(), shape_70b(), machine, targets={"vllm": options}, bench=False, layers_after=60)
+    stage = plan.stage("targets: vllm")
+    assert stage.vllm_engine == {"gpu_memory_utilization": round(0.8 * 70 / 80, 3)}
+    assert stage.fits and stage.device_bytes == int(0.8 * 70 * GB)
+    pruned = WEIGHTS - 20 * 2 * LAYER_PARAMS
+    assert f"{pruned / 4 / GB:.2f} GB of weights a device (4 device(s))" in stage.how
+    # one GPU cannot hold 106 GB of weights: refused in one line, before any weight is read
+    one = make_memory_plan(recipe(), shape_70b(), machine, targets={"vllm": Options(dtype="bfloat16")}, bench=False,
+                           layers_after=60)  # fmt: skip
+    with pytest.raises(RecipeError, match=r"too small for the vllm target.*tensor_parallel_size"):
+        one.check()
+
+
+def test_vllm_on_the_cpu_gets_a_kv_cache_of_what_the_budget_leaves_and_a_context_that_fits():
+    """SmolLM2-135M's shape pruned to 24 layers in fp32 with the demo's 600 MB budget: the KV cache is
+    the budget less the weights, max_model_len the tokens it holds (by hand); 300 MB is refused."""
+    from prunecomp_export.targets.vllm import Options
+
+    config = config_of({"model_type": "llama", "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
+                        "num_attention_heads": 9, "num_key_value_heads": 3, "vocab_size": 49152,
+                        "max_position_embeddings": 8192, "tie_word_embeddings": True})  # fmt: skip
+    shape = ModelShape.from_config(config, adapter_for(config), torch.float32)
+    layer = 4 * (2 * 576 * 576 + 2 * 576 * 192 + 3 * 576 * 1536 + 2 * 576)
+    assert shape.layer_bytes == layer
+    weights = 4 * (49152 * 576 + 576) + 24 * layer  # tied embedding, final norm, 24 layers
+    budget = 600 * 10**6
+    plan = make_memory_plan(recipe(execution={"memory_budget": "600MB"}), shape, Machine("cpu", None, 8 * GB),
+                            targets={"vllm": Options()}, bench=False, layers_after=24)  # fmt: skip
+    engine = plan.stage("targets: vllm").vllm_engine
+    assert engine["kv_cache_memory_bytes"] == budget - weights
+    assert engine["max_model_len"] == min(8192, (budget - weights) // (2 * 192 * 24 * 4))
+    assert Options().engine(engine)["kv_cache_memory_bytes"] == budget - weights  # what vLLM is started with
+    tight = make_memory_plan(recipe(execution={"memory_budget": "300MB"}), shape, Machine("cpu", None, 8 * GB),
+                             targets={"vllm": Options()}, bench=False, layers_after=24)  # fmt: skip
+    refused = tight.stage("targets: vllm")  # (the prune stage refuses 300 MB too)
+    assert not refused.fits and "too small for the vllm target" in refused.refusal and not refused.vllm_engine

@@ -100,9 +100,10 @@ def build_target(name: str, checkpoint: str, out_dir: str, options: dict, contex
     return record.model_dump(mode="json")
 
 
-def validated_options(name: str, raw: dict, context: TargetContext | None = None) -> Any:
+def validated_options(name: str, raw: dict, context: TargetContext | None = None, *, here: bool = True) -> Any:
     """A target's ``Options`` from its recipe section, then its ``preflight``: everything that can
-    fail before any weight is read. Raises ``RecipeError`` naming the key path, or ``TargetUnavailable``."""
+    fail before any weight is read. Raises ``RecipeError`` naming the key path, or ``TargetUnavailable``.
+    ``here=False`` (a dry run planning another machine): the options only, not this machine's runtimes."""
     from pydantic import ValidationError
 
     from prunecomp_export.errors import RecipeError
@@ -114,7 +115,8 @@ def validated_options(name: str, raw: dict, context: TargetContext | None = None
         err = exc.errors()[0]
         key = ".".join(["targets", name, *map(str, err["loc"])])
         raise RecipeError(err["msg"], key=key) from None
-    target.preflight(options, context or TargetContext())
+    if here:
+        target.preflight(options, context or TargetContext())
     return options
 
 
