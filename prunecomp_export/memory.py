@@ -75,6 +75,8 @@ VLLM_MAX_UTILIZATION = 0.95
 VLLM_MIN_CONTEXT = 256
 #: the context a vLLM on the CPU gets when the model states none
 VLLM_MAX_CONTEXT = 4096
+#: bytes per weight of an ONNX model in each precision of the onnx target (int4: two a byte)
+ONNX_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2, "int8": 1, "int4": 0.5}
 
 #: the stages' names in the plan
 PRUNE, PERPLEXITY, QA, RELOAD, BENCH = "prune", "evaluate: perplexity", "evaluate: QA", "save: reload check", "bench"
@@ -500,8 +502,11 @@ def _target_stage(name: str, options: Any, machine: Machine, shape: ModelShape, 
     needs, a warning where it is over the host budget (the builders cannot stream)."""
     fp32 = shape.weights_bytes * 4 // shape.dtype_bytes
     genai = name == "onnx" and getattr(options, "exporter", "auto") != "torch"
+    # the ONNX model ONNX Runtime then holds: the weights in the exported precision
+    exported = int(fp32 * ONNX_BYTES.get(getattr(options, "dtype", "fp32"), 4) / 4)
     if genai:
-        host, how = shape.weights_bytes + 2 * shape.tensor_bytes, "onnxruntime-genai's builder loads the model"
+        host = max(shape.weights_bytes + 2 * shape.tensor_bytes, exported)
+        how = f"onnxruntime-genai's builder loads the model, ONNX Runtime holds {_gb(exported)} GB"
     elif name == "tensorrt" and getattr(options, "runtime", "tensorrt") == "tensorrt_llm":
         host, how = shape.weights_bytes, "TensorRT-LLM loads the model onto its GPUs"
     else:
