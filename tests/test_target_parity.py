@@ -262,3 +262,9 @@ def test_parity_figures_import_no_runtime():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
     assert target_parity({"vllm": record})[0]["passed"] is True
+
+
+def test_a_target_recorded_by_an_older_version_asks_to_be_rebuilt():
+    old = {"target": "vllm", "tokens_equal": True, "prompts": [], "dtype": "float32"}
+    (entry,) = target_parity({"vllm": old})
+    assert entry["passed"] is False and "prunecomp-export export OUT --target vllm" in entry["error"]

@@ -161,9 +161,15 @@ def build_targets(
 
 def target_parity(records: dict[str, dict]) -> list[dict]:
     """Each built target's parity, in build order (``TargetParity`` for results.json)."""
+    from pydantic import ValidationError
+
     parity = []
     for name, raw in records.items():
-        record = TargetRecord.model_validate(raw)
+        try:
+            record = TargetRecord.model_validate(raw)
+        except ValidationError:  # built by an older prunecomp-export, judged by its old check
+            error = f"built by an older prunecomp-export; rebuild it: prunecomp-export export OUT --target {name}"
+            record = TargetRecord(target=name, passed=False, error=error)
         entry: dict[str, Any] = {"target": name, "passed": record.passed, "error": record.error, "checks": []}
         if (report := record.parity) is not None:
             entry.update(

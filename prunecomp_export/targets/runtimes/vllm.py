@@ -204,11 +204,6 @@ def _tail(path: Path, lines: int = 3) -> str:
 # the server
 
 
-def served_name(checkpoint: Path, options: Settings) -> str:
-    """The model name the server answers to (vLLM's default is the --model argument)."""
-    return options.served_model_name or str(checkpoint)
-
-
 def server_args(
     checkpoint: Path | str,
     options: Settings,
