@@ -31,9 +31,9 @@ class Options(ParityOptions):
         description="genai: onnxruntime-genai's model builder; torch: torch.onnx; auto: genai where it "
         "supports the architecture.",
     )
-    dtype: Literal["fp32", "fp16", "bf16", "int4"] = Field(
+    dtype: Literal["fp32", "fp16", "bf16", "int8", "int4"] = Field(
         "fp32",
-        description="Precision of the exported weights (genai: fp32/int4 on CPU, all on CUDA; torch: fp32/fp16).",
+        description="Precision of the exported weights (genai: fp32/int8/int4 on CPU, all on CUDA; torch: fp32/fp16).",
     )
     provider: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="Execution provider; auto: CUDA where the run is on a GPU and onnxruntime has it."
