@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -12,9 +10,6 @@ from torch import nn
 
 from prunecomp_export.errors import ValidationFailed
 from prunecomp_export.output.outputdir import safetensors_write_errors
-
-#: the reload check's sample and expected logits, kept at the top of the output
-VERIFICATION_FILE = "verification.safetensors"
 
 
 def save_checkpoint(model: nn.Module, tokenizer, directory: Path, max_shard_size: str = "5GB") -> None:
@@ -46,18 +41,6 @@ def compatible_config(config: dict) -> dict:
     if "dtype" in config:
         config.setdefault("torch_dtype", config["dtype"])
     return config
-
-
-def sha256_tree(directory: Path) -> dict[str, str]:
-    """sha256 of every file below ``directory``, keyed by relative path."""
-    hashes = {}
-    for path in sorted(p for p in directory.rglob("*") if p.is_file()):
-        digest = hashlib.sha256()
-        with path.open("rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
-        hashes[path.relative_to(directory).as_posix()] = digest.hexdigest()
-    return hashes
 
 
 def verify_reload(
@@ -120,39 +103,12 @@ def _cached_decode_diff(model, tokens: torch.Tensor, prompt_len: int) -> float:
 
 def write_verification_sample(path: Path, sample: torch.Tensor, expected_logits: torch.Tensor) -> None:
     """The reload check's input and the logits the checkpoint must give, in one small safetensors file:
-    kept in the output (``VERIFICATION_FILE``), ``prunecomp-export verify`` repeats the check later
+    kept in the output (``manifest.VERIFICATION_FILE``), ``prunecomp-export verify`` repeats the check later
     without the source model."""
     from safetensors.torch import save_file
 
     with safetensors_write_errors(path):
         save_file({"sample": sample.contiguous(), "expected": expected_logits.contiguous()}, path)
-
-
-@dataclass(frozen=True)
-class ReloadCheck:
-    """How the reload check ran: recorded in the manifest beside its result, so that
-    ``prunecomp-export verify`` repeats exactly that check on the output later."""
-
-    dtype: str  # e.g. "bfloat16"
-    attn_implementation: str | None
-    device: str
-    #: the ``write_verification_sample`` file, relative to the output
-    sample_file: str = VERIFICATION_FILE
-
-    def run(self, output: Path, device: str | None = None) -> tuple[dict, int]:
-        """``verify_reload`` of ``output/checkpoint`` against ``output/<sample_file>`` in a fresh process
-        (its peak memory is the reloaded model's, not the CLI's); the record and the child's peak RSS."""
-        from prunecomp_export.child import run_in_child
-
-        child = run_in_child(
-            "prunecomp_export.output.checkpoint:verify_from_file",
-            {"directory": str(output / "checkpoint"), "tensors": str(output / self.sample_file),
-             "dtype": self.dtype, "attn_implementation": self.attn_implementation, "device": device or self.device},
-        )  # fmt: skip
-        return child.value, child.peak_rss_bytes
-
-    def to_json(self) -> dict:
-        return asdict(self)
 
 
 def dtype_name(dtype: torch.dtype) -> str:

@@ -25,6 +25,7 @@ import re
 import secrets
 import shutil
 import signal
+import stat
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -88,22 +89,44 @@ class OutputLock:
     """An exclusive, non-blocking ``flock`` on ``<parent>/.<name>.lock``: a second run on the same
     output fails at once, naming the first run's pid. The kernel drops the lock when its process
     dies, so a killed run leaves at most a stale file that the next run reuses. Released (and the
-    file removed) on exit."""
+    file removed) on exit, with the parent directories it had to create when they are still empty.
+    The lock path is never followed when it is a symbolic link (a planted link, dangling or not,
+    would make the tool create or truncate a file outside the output): that is refused."""
 
     def __init__(self, out: Path):
         self.out = Path(out).resolve()
         self.path = self.out.parent / f".{self.out.name}.lock"
         self._fd: int | None = None
+        self._created: list[Path] = []
 
     def __enter__(self) -> OutputLock:
+        missing = [p for p in (self.path.parent, *self.path.parent.parents) if not os.path.lexists(p)]
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._created = missing  # deepest first
+        try:
+            self._take()
+        except BaseException:
+            self._remove_created()
+            raise
+        return self
+
+    def _take(self) -> None:
         while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
             try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
+            except OSError as exc:
+                if exc.errno == errno.ELOOP:
+                    _refuse(f"{self.path} is a symbolic link: not following it (remove it if no run uses {self.out})")
+                if exc.errno == errno.EISDIR:
+                    _refuse(f"{self.path} is a directory, not a lock file: remove it")
+                raise
+            try:
+                if not stat.S_ISREG(os.fstat(fd).st_mode):
+                    _refuse(f"{self.path} is not a regular file, not a lock file: remove it")
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 # the previous holder may have removed the file between our open and flock: then we
                 # hold a lock on a file nobody else sees, so take the new file's instead
-                current = os.stat(self.path)
+                current = os.lstat(self.path)
                 if (current.st_dev, current.st_ino) == (os.fstat(fd).st_dev, os.fstat(fd).st_ino):
                     break
             except BlockingIOError:
@@ -122,17 +145,26 @@ class OutputLock:
             os.ftruncate(fd, 0)
             os.write(fd, f"{os.getpid()}\n".encode())
         except BaseException:
-            self.__exit__()
+            self._release()
             raise
-        return self
 
-    def __exit__(self, *exc_info: object) -> None:
+    def _release(self) -> None:
         if self._fd is None:
             return
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()  # before unlocking: a waiter that opened this file retries on the new one
         os.close(self._fd)
         self._fd = None
+
+    def _remove_created(self) -> None:
+        for directory in self._created:  # deepest first; one that holds something stays
+            with contextlib.suppress(OSError):
+                directory.rmdir()
+        self._created = []
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._release()
+        self._remove_created()
 
 
 def _alive(pid: int) -> bool:
