@@ -27,11 +27,11 @@ from prunecomp_export.bench.timing import benchmark, onnx_exporter, require_runt
 from prunecomp_export.costs import CostMeter, StageCost
 from prunecomp_export.engine.execution import Placement, check_cache_dir, plan_placement, resolve_device
 from prunecomp_export.engine.layerwise import trim_host_memory
-from prunecomp_export.engine.loop import Plan, Trajectory, make_plan, prune
+from prunecomp_export.engine.loop import Plan, Trajectory, check_points, make_plan, prune
 from prunecomp_export.errors import RecipeError
 from prunecomp_export.evaluation.evaluator import DenseCache, Evaluator, Measurement
-from prunecomp_export.output.checkpoint import ReloadCheck, dtype_name, write_verification_sample
-from prunecomp_export.output.manifest import write_manifest
+from prunecomp_export.output.checkpoint import dtype_name, write_verification_sample
+from prunecomp_export.output.manifest import Manifest, ReloadCheck, SourceModel, Verification, write_manifest
 from prunecomp_export.output.outputdir import OutputLock, check_output_dir, staged_output
 from prunecomp_export.progress import Reporter
 from prunecomp_export.recipe import Recipe, dump_recipe
@@ -120,20 +120,36 @@ class Loaded:
     placement: Placement
 
 
-def preflight(recipe: Recipe, targets: list[str], bench: bool = False) -> Checked:
-    """Everything that can be checked without weights: source, architecture, plan, corpora, target
-    options, bench runtimes."""
+def check_output(recipe: Recipe) -> tuple[ResolvedSource, Path]:
+    """The source's location and the output directory: the cheap checks, made before the output's
+    lock is taken (so a refused output.dir never gets a lock file) and again under it."""
     output = Path(recipe.output.dir)
     source = resolve_source(recipe.model)
     protected = [Path(source.location), *source.files] if source.local else []
     check_output_dir(output, overwrite=recipe.output.overwrite, protected=protected)
+    return source, output
+
+
+def preflight(recipe: Recipe, targets: list[str], bench: bool = False) -> Checked:
+    """Everything that can be checked without weights: source, architecture, plan, lengths, trajectory
+    and bench points, corpora, QA tasks, sign-off thresholds, target options, bench runtimes."""
+    source, output = check_output(recipe)
+    _check_signoff(recipe, bench)
     config = load_config(source, recipe.model)
     adapter = adapter_for(config)
     tied = bool(getattr(config, "tie_word_embeddings", False))
     plan = make_plan(recipe.prune, config.num_hidden_layers, tied)
     if plan.compensation == "linear" and (refusal := adapter.output_map_refusal()) is not None:
         raise RecipeError(refusal, key="prune.compensation")
+    check_points(recipe.evaluation.trajectory, plan, key="evaluation.trajectory", final_included=False)
+    if bench:
+        check_points(recipe.bench.points, plan, key="bench.points", final_included=True)
+    _check_lengths(recipe, config, bench)
     calibration.check_calibration_source(recipe.calibration)
+    if recipe.evaluation.qa is not None:
+        from prunecomp_export.evaluation.qa import validate_tasks
+
+        validate_tasks(recipe.evaluation.qa.tasks)  # lm-eval's task index only for a task not built offline
     if recipe.evaluation.perplexity is not None:
         for index, name in enumerate(recipe.evaluation.perplexity.corpora):
             corpus.check_corpus(name, key=f"evaluation.perplexity.corpora.{index}")
@@ -145,6 +161,40 @@ def preflight(recipe: Recipe, targets: list[str], bench: bool = False) -> Checke
     return Checked(recipe, source, config, adapter, tied, plan, options, runtimes, output)
 
 
+def _check_signoff(recipe: Recipe, bench: bool) -> None:
+    """A threshold whose figure the run will not measure would fail it after all the work: refused now."""
+    signoff, evaluation = recipe.signoff, recipe.evaluation
+    if signoff.min_speedup is not None and not bench:
+        raise RecipeError("needs the latency benchmark: run with --bench (or drop the threshold)",
+                          key="signoff.min_speedup")  # fmt: skip
+    if signoff.min_accuracy_kept is not None and evaluation.qa is None:
+        raise RecipeError("needs evaluation.qa (QA accuracy), which is null", key="signoff.min_accuracy_kept")
+    if signoff.max_perplexity_ratio is not None and evaluation.perplexity is None:
+        raise RecipeError("needs evaluation.perplexity, which is null", key="signoff.max_perplexity_ratio")
+
+
+def _check_lengths(recipe: Recipe, config: Any, bench: bool) -> None:
+    """Token lengths the model cannot take: longer than its ``max_position_embeddings``."""
+    limit = getattr(config, "max_position_embeddings", None)
+    if not isinstance(limit, int) or isinstance(limit, bool):
+        return
+    lengths = {"calibration.seq_len": recipe.calibration.seq_len}
+    if recipe.evaluation.perplexity is not None:
+        lengths["evaluation.perplexity.seq_len"] = recipe.evaluation.perplexity.seq_len
+    if bench:
+        for index, scenario in enumerate(recipe.bench.scenarios):
+            key = f"bench.scenarios.{index}"
+            if scenario.kind == "prefill":
+                lengths[f"{key}.prompt_len"] = scenario.prompt_len
+            elif scenario.kind == "decode":
+                lengths[f"{key}.past_len"] = scenario.past_len + 1
+            else:
+                lengths[f"{key}.new_tokens"] = scenario.prompt_len + scenario.new_tokens
+    for key, length in lengths.items():
+        if length > limit:
+            raise RecipeError(f"{length} tokens is more than the model's max_position_embeddings ({limit})", key=key)
+
+
 def dry_run(recipe: Recipe, targets: list[str], bench: bool = False) -> DryRunResult:
     checked = preflight(recipe, targets, bench)
     config = checked.config
@@ -154,10 +204,12 @@ def dry_run(recipe: Recipe, targets: list[str], bench: bool = False) -> DryRunRe
 def run(recipe: Recipe, targets: list[str], reporter: Reporter | None = None, bench: bool = False) -> RunResult:
     reporter = reporter or Reporter()
     started = time.perf_counter()
-    checked = preflight(recipe, targets, bench)
     meter = CostMeter()
     overwrite = recipe.output.overwrite
-    with OutputLock(checked.output), staged_output(checked.output, overwrite=overwrite) as stage:
+    output = check_output(recipe)[1]
+    # the lock first: a second run on this output fails at once, not after the slow checks
+    with OutputLock(output), staged_output(output, overwrite=overwrite) as stage:
+        checked = preflight(recipe, targets, bench)
         with meter.stage("load") as cost:
             loaded = _load(checked, stage, reporter, cost)
             trim_host_memory()  # tokenizing a corpus leaves hundreds of MB of freed heap behind
@@ -265,10 +317,14 @@ def _save(checked: Checked, loaded: Loaded, trajectory: Trajectory, stage: Path,
     variants.write(final, checkpoint, recipe.output.max_shard_size)
     if not recipe.output.verify:
         return checkpoint, None
-    check = ReloadCheck(dtype_name(variants.model.dtype), recipe.model.attn_implementation, str(variants.model.device))
+    check = ReloadCheck(
+        dtype=dtype_name(variants.model.dtype),
+        attn_implementation=recipe.model.attn_implementation,
+        device=str(variants.model.device),
+    )
     write_verification_sample(stage / check.sample_file, loaded.sample, variants.logits(final, loaded.sample))
     verification, cost.child_peak_rss_bytes = check.run(stage)
-    return checkpoint, {**verification, "check": check.to_json()}
+    return checkpoint, Verification(**verification, check=check)
 
 
 def _trajectory_points(recipe: Recipe, plan: Plan) -> list[int]:
@@ -386,21 +442,24 @@ def recorded_recipe(recipe: Recipe) -> Recipe:
 
 def _write_manifest(stage: Path, checked: Checked, identity, trajectory, verification, targets, results) -> None:
     plan = checked.plan
-    manifest = {
-        "source_model": identity,
-        "recipe": recorded_recipe(checked.recipe).model_dump(mode="json"),
-        "model_type": checked.config.model_type,
-        "layers_before": plan.num_layers,
-        "layers_after": plan.num_layers - plan.num_drop,
-        "removed": [step.to_json() for step in trajectory.steps],
-        "compensation": trajectory.compensation,
-        "fold_form": trajectory.fold_form,
-        "untied_embeddings": trajectory.untie,
-        "verification": verification,
-        "targets": targets,
-        "packages": results.packages,
-        "machine": results.machine,
-    }
+    manifest = Manifest.model_validate(
+        {
+            "source_model": SourceModel.model_validate(identity),
+            "recipe": recorded_recipe(checked.recipe),
+            "model_type": checked.config.model_type,
+            "layers_before": plan.num_layers,
+            "layers_after": plan.num_layers - plan.num_drop,
+            "removed": [step.to_json() for step in trajectory.steps],
+            "compensation": trajectory.compensation,
+            "fold_form": trajectory.fold_form,
+            "untied_embeddings": trajectory.untie,
+            "verification": verification,
+            "targets": targets,
+            "packages": results.packages,
+            "machine": results.machine,
+            "files": {},  # write_manifest lists them, last
+        }
+    )
     write_manifest(stage, manifest)
 
 
