@@ -118,9 +118,12 @@ def plain_message(err: Any) -> str:
 
 def describe(err: Any, root: type[BaseModel]) -> tuple[str, str]:
     """(key path, message) of one pydantic error of a ``root`` model, in the words the CLI prints."""
-    if err["type"] == "nested_error":
-        return err["ctx"]["key"], err["ctx"]["message"]
-    key = ".".join(str(part) for part in err["loc"] if not str(part).startswith("function-"))
+    if err["type"] == "nested_error":  # its key starts at the field that raised it
+        return ".".join([*map(str, err["loc"][:-1]), err["ctx"]["key"]]), err["ctx"]["message"]
+    loc = err["loc"]
+    if "[key]" in loc:  # a bad mapping key: the mapping is where it is, the message names the key
+        loc = loc[: loc.index("[key]") - 1]
+    key = ".".join(str(part) for part in loc if not str(part).startswith("function-"))
     if err["type"] == "extra_forbidden":
         return key, "unknown key" + did_you_mean(err["loc"], root)
     return key, plain_message(err)
@@ -135,7 +138,8 @@ def first_error(exc: ValidationError, root: type[BaseModel]) -> tuple[str, str]:
 
 
 def nested_error(key: str, message: str) -> PydanticCustomError:
-    """An error found by validating a nested model by hand (a target's options), reported at ``key``."""
+    """An error a field validator found inside its value (a target's options), at ``key``: the key path
+    from that field on (``targets.vllm.port``)."""
     return PydanticCustomError("nested_error", "{message}", {"key": key, "message": message})
 
 

@@ -219,9 +219,10 @@ def _sha256_regular(path: Path) -> str | None:
         if exc.errno in (errno.ELOOP, errno.ENOENT, errno.ENXIO):
             return None
         raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        return None
     with os.fdopen(fd, "rb") as handle:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            return None
         digest = hashlib.sha256()
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
@@ -259,12 +260,11 @@ def read_small_file(path: Path, limit: int, error: Callable[[str], Exception]) -
         if exc.errno == errno.ELOOP:
             raise error("a symbolic link: not followed") from None
         raise error(f"cannot read it: {exc.strerror}") from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise error("a directory, not a file" if stat.S_ISDIR(mode) else "not a regular file")
     with os.fdopen(fd, "rb") as handle:
-        mode = os.fstat(fd).st_mode
-        if stat.S_ISDIR(mode):
-            raise error("a directory, not a file")
-        if not stat.S_ISREG(mode):
-            raise error("not a regular file")
         try:
             data = handle.read(limit + 1)
         except OSError as exc:
