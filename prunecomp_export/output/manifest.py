@@ -284,12 +284,12 @@ def _no_key_twice(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 
 def _too_deep(value: Any, limit: int) -> str | None:
-    """The key path of the first value nested deeper than ``limit``, else None (no recursion)."""
+    """The key path of the first object or array nested more than ``limit`` deep, else None (no recursion)."""
     pending: list[tuple[Any, list[str]]] = [(value, [])]
     while pending:
         node, path = pending.pop()
-        if len(path) > limit:
-            return ".".join(path[:limit])
+        if isinstance(node, dict | list) and len(path) >= limit:
+            return ".".join(path)
         if isinstance(node, dict):
             pending.extend((child, [*path, str(key)]) for key, child in node.items())
         elif isinstance(node, list):
