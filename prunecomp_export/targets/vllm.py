@@ -93,7 +93,7 @@ class Options(BaseModel):
     kv_cache_gib: FiniteFloat | None = Field(
         1.0,
         gt=0,
-        description="KV cache size (--kv-cache-memory-bytes). None: vLLM sizes it from "
+        description="KV cache size in GiB (--kv-cache-memory-bytes). null: vLLM sizes it from "
         "--gpu-memory-utilization, which on CPU reserves 92% of the machine's RAM.",
     )
     enforce_eager: bool = Field(
