@@ -146,7 +146,7 @@ def _one_line_errors(where: _Where) -> Iterator[None]:
         _fail(write_error_message(exc, where.out), 2)
 
 
-@main.command("run", context_settings=CONTEXT)
+@main.command("run", context_settings=CONTEXT, epilog=_epilog())
 # Not checked by click: load_recipe reports a missing, unreadable or directory recipe in one line.
 @click.argument("recipe", type=click.Path(readable=False))
 @click.option(
@@ -177,10 +177,9 @@ def run_command(
     """Prune whole decoder layers with Prune&Comp and export the smaller model (the default command)."""
     from rich.console import Console
 
-    from prunecomp_export import pipeline
+    from prunecomp_export.output.outputdir import OutputLock, recipe_output
     from prunecomp_export.progress import Reporter, RichReporter
     from prunecomp_export.recipe import load_recipe
-    from prunecomp_export.report import summary
     from prunecomp_export.targets import TARGETS
 
     console = Console()
@@ -194,12 +193,18 @@ def run_command(
         loaded = load_recipe(recipe, [*overrides, *values])
         where.out = Path(loaded.output.dir)
         try:
-            if dry_run:
-                summary.print_dry_run(pipeline.dry_run(loaded, names, bench=bench), console)
-                return
-            # a terminal gets progress bars; a pipeline's log gets one plain, timestamped line per event
-            reporter = RichReporter() if sys.stderr.isatty() else Reporter()
-            result = pipeline.run(loaded, names, reporter, bench=bench)
+            # a run takes the output's lock before the pipeline (torch) is even imported: a second run
+            # on the same output fails at once; a dry run writes nothing and takes none
+            with contextlib.nullcontext() if dry_run else OutputLock(recipe_output(loaded)) as lock:
+                from prunecomp_export import pipeline
+                from prunecomp_export.report import summary
+
+                if dry_run:
+                    summary.print_dry_run(pipeline.dry_run(loaded, names, bench=bench), console)
+                    return
+                # a terminal gets progress bars; a pipeline's log gets one plain, timestamped line per event
+                reporter = RichReporter() if sys.stderr.isatty() else Reporter()
+                result = pipeline.run(loaded, names, reporter, bench=bench, lock=lock)
         except RecipeError as exc:
             raise loaded.locate(exc) from None
         summary.print_run(result, console)
@@ -249,8 +254,6 @@ def export(out: str, targets: tuple[str, ...]) -> None:
     """Build deployment targets for the existing output OUT (options from its recorded recipe)."""
     from prunecomp_export.commands import export_targets
     from prunecomp_export.progress import Reporter, RichReporter
-    from prunecomp_export.report.render import target_line
-    from prunecomp_export.report.results import deployed_targets
     from prunecomp_export.targets import TARGETS
 
     where = _Where()
@@ -261,6 +264,9 @@ def export(out: str, targets: tuple[str, ...]) -> None:
         where.out = Path(out)
         reporter = RichReporter() if sys.stderr.isatty() else Reporter()
         records = export_targets(out, names, reporter.log)
+    from prunecomp_export.report.render import target_line  # imports torch: after the output's lock
+    from prunecomp_export.report.results import deployed_targets
+
     built = ", ".join(f"targets/{name}" for name in records) or "nothing to build (hf is the checkpoint)"
     click.echo(f"{out}: {built}")
     for parity in deployed_targets(records):

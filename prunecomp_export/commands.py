@@ -291,13 +291,13 @@ def export_targets(path: str | Path, names: list[str], log) -> dict[str, dict]:
     """Build ``names`` for an existing output as the run does (same options from the recorded recipe,
     same child processes), replacing any earlier build of those targets, and record them in the
     manifest and their parity in results.json and the reports; the output changes in one step,
-    under its lock, taken before anything else."""
-    from prunecomp_export.report.render import write_reports
-    from prunecomp_export.report.results import deployed_targets, read_results
-    from prunecomp_export.targets import build_targets, validated_options
-
+    under its lock, taken before anything else (before the heavy imports too)."""
     output = open_output(path)
     with _recorded_recipe_errors(output), OutputLock(output.path):
+        from prunecomp_export.report.render import write_reports
+        from prunecomp_export.report.results import deployed_targets, read_results
+        from prunecomp_export.targets import build_targets, validated_options
+
         require_plain_files(output)
         require_checkpoint(output)
         read_output_results(output.path)
@@ -362,16 +362,22 @@ def bench_output(path: str | Path, reporter: Reporter):
     torch plus the runtimes of the output's targets), for the dense model and the final one; write
     bench.json, the bench and the sign-off into results.json and the reports. Returns the RunResults.
     Everything it needs (runtimes, checkpoint, results.json, the source model) is checked under the
-    output's lock before anything is timed."""
-    from prunecomp_export.bench.timing import benchmark, onnx_exporter, require_runtimes, runtimes_for, speedups_at
-    from prunecomp_export.report.render import write_reports
-    from prunecomp_export.report.results import deployed_targets, read_results
-    from prunecomp_export.report.signoff import evaluate_signoff
-    from prunecomp_export.source.loading import load_config, resolve_source
-
+    output's lock (taken first, before the heavy imports too) before anything is timed."""
     output = open_output(path)
     recipe = output.recipe
     with _recorded_recipe_errors(output), OutputLock(output.path):
+        from prunecomp_export.bench.timing import (
+            benchmark,
+            onnx_exporter,
+            require_runtimes,
+            runtimes_for,
+            speedups_at,
+        )
+        from prunecomp_export.report.render import write_reports
+        from prunecomp_export.report.results import deployed_targets, read_results
+        from prunecomp_export.report.signoff import evaluate_signoff
+        from prunecomp_export.source.loading import load_config, resolve_source
+
         runtimes = runtimes_for(recipe.bench, list(output.manifest.targets))
         require_runtimes(runtimes)
         require_plain_files(output)

@@ -31,8 +31,8 @@ from prunecomp_export.engine.loop import Plan, Trajectory, check_points, make_pl
 from prunecomp_export.errors import RecipeError
 from prunecomp_export.evaluation.evaluator import DenseCache, Evaluator, Measurement
 from prunecomp_export.output.checkpoint import dtype_name, write_verification_sample
-from prunecomp_export.output.manifest import Manifest, ReloadCheck, SourceModel, Verification, write_manifest
-from prunecomp_export.output.outputdir import OutputLock, check_output_dir, staged_output
+from prunecomp_export.output.manifest import Manifest, ReloadCheck, ReloadResult, SourceModel, write_manifest
+from prunecomp_export.output.outputdir import OutputLock, recipe_output, staged_output
 from prunecomp_export.progress import Reporter
 from prunecomp_export.recipe import Recipe, dump_recipe
 from prunecomp_export.report.render import write_reports
@@ -120,20 +120,11 @@ class Loaded:
     placement: Placement
 
 
-def check_output(recipe: Recipe) -> tuple[ResolvedSource, Path]:
-    """The source's location and the output directory: the cheap checks, made before the output's
-    lock is taken (so a refused output.dir never gets a lock file) and again under it."""
-    output = Path(recipe.output.dir)
-    source = resolve_source(recipe.model)
-    protected = [Path(source.location), *source.files] if source.local else []
-    check_output_dir(output, overwrite=recipe.output.overwrite, protected=protected)
-    return source, output
-
-
 def preflight(recipe: Recipe, targets: list[str], bench: bool = False) -> Checked:
     """Everything that can be checked without weights: source, architecture, plan, lengths, trajectory
     and bench points, corpora, QA tasks, sign-off thresholds, target options, bench runtimes."""
-    source, output = check_output(recipe)
+    output = recipe_output(recipe)
+    source = resolve_source(recipe.model)
     _check_signoff(recipe, bench)
     config = load_config(source, recipe.model)
     adapter = adapter_for(config)
@@ -201,14 +192,24 @@ def dry_run(recipe: Recipe, targets: list[str], bench: bool = False) -> DryRunRe
     return DryRunResult(config.model_type, config.num_hidden_layers, checked.tied, checked.plan, targets)
 
 
-def run(recipe: Recipe, targets: list[str], reporter: Reporter | None = None, bench: bool = False) -> RunResult:
+def run(
+    recipe: Recipe,
+    targets: list[str],
+    reporter: Reporter | None = None,
+    bench: bool = False,
+    lock: OutputLock | None = None,
+) -> RunResult:
+    """The whole job, under the output's lock: ``lock``, when the caller already holds it (the CLI takes
+    it before importing this module), else one taken before the slow checks."""
     reporter = reporter or Reporter()
     started = time.perf_counter()
     meter = CostMeter()
     overwrite = recipe.output.overwrite
-    output = check_output(recipe)[1]
+    output = recipe_output(recipe)
+    if lock is not None and lock.out != output.resolve():
+        raise ValueError(f"the lock given is {lock.out}'s, not {output}'s")
     # the lock first: a second run on this output fails at once, not after the slow checks
-    with OutputLock(output), staged_output(output, overwrite=overwrite) as stage:
+    with lock or OutputLock(output), staged_output(output, overwrite=overwrite) as stage:
         checked = preflight(recipe, targets, bench)
         with meter.stage("load") as cost:
             loaded = _load(checked, stage, reporter, cost)
@@ -324,7 +325,7 @@ def _save(checked: Checked, loaded: Loaded, trajectory: Trajectory, stage: Path,
     )
     write_verification_sample(stage / check.sample_file, loaded.sample, variants.logits(final, loaded.sample))
     verification, cost.child_peak_rss_bytes = check.run(stage)
-    return checkpoint, Verification(**verification, check=check)
+    return checkpoint, ReloadResult(**verification, check=check)
 
 
 def _trajectory_points(recipe: Recipe, plan: Plan) -> list[int]:

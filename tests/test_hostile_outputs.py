@@ -569,6 +569,34 @@ def test_a_locked_output_fails_at_once(damaged, command, tmp_path):
     assert f"{out} is being written by another run (pid {os.getpid()})" in line
 
 
+HEAVY_IMPORTS = """
+import sys
+from prunecomp_export.cli import main
+try:
+    main(sys.argv[1:])
+except SystemExit as exc:
+    print(exc.code, sorted(name for name in ("torch", "transformers") if name in sys.modules))
+"""
+
+
+@pytest.mark.parametrize("command", ["export", "bench"])
+def test_a_locked_output_is_refused_before_torch_is_imported(made, command, tmp_path):
+    """What makes a stage command on a locked output fail in well under a second: the lock comes
+    before the heavy imports. Timing itself is never asserted."""
+    import subprocess
+    import sys
+
+    from prunecomp_export.output.outputdir import OutputLock
+
+    out = shutil.copytree(made, tmp_path / "out")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    with OutputLock(out):
+        args = [sys.executable, "-c", HEAVY_IMPORTS, command, str(out), *ARGS[command]]
+        done = subprocess.run(args, capture_output=True, text=True, env=env)
+    assert "is being written by another run" in done.stderr, done.stderr
+    assert done.stdout.splitlines() == ["2 []"], done.stdout
+
+
 @pytest.mark.parametrize("command", ["export", "bench"])
 @pytest.mark.parametrize("dangling", [True, False])
 def test_a_lock_path_that_is_a_symlink_is_never_followed(damaged, command, tmp_path, dangling):

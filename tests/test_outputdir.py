@@ -255,6 +255,29 @@ def test_a_second_run_fails_on_the_lock_before_the_slow_checks(tmp_path, tiny_di
     assert leftovers(out) == [] and not out.exists()
 
 
+HEAVY_IMPORTS = """
+import sys
+from prunecomp_export.cli import main
+try:
+    main(sys.argv[1:])
+except SystemExit as exc:
+    print(exc.code, sorted(name for name in ("torch", "transformers") if name in sys.modules))
+"""
+
+
+def test_a_locked_output_is_refused_before_torch_is_imported(tmp_path, tiny_dir):
+    """What makes a second run fail in well under a second: the lock is taken before the pipeline
+    (torch, transformers) is imported. Timing itself is never asserted."""
+    from tests.test_recipe_errors import GOOD, write
+
+    path = write(tmp_path, GOOD, tiny_dir)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    with OutputLock(tmp_path / "out"):
+        done = subprocess.run([sys.executable, "-c", HEAVY_IMPORTS, str(path)], capture_output=True, text=True, env=env)
+    assert "is being written by another run" in done.stderr, done.stderr
+    assert done.stdout.splitlines() == ["2 []"], done.stdout
+
+
 def test_a_run_refused_after_the_lock_leaves_nothing(tmp_path, tiny_dir):
     from click.testing import CliRunner
 

@@ -104,7 +104,7 @@ class ReloadCheck(_Record):
         return child.value, child.peak_rss_bytes
 
 
-class Verification(_Record):
+class ReloadResult(_Record):
     """The reload check's result (``output.checkpoint.verify_reload``) and how it ran."""
 
     reloaded_layers: int = Field(ge=1)
@@ -133,7 +133,7 @@ class Manifest(_Record):
     compensation: Literal["magnitude", "fitted", "linear", "none"]
     fold_form: Literal["pre_gap", "post_gap"] | None
     untied_embeddings: bool
-    verification: Verification | None = Field(description="null when the run made no reload check.")
+    verification: ReloadResult | None = Field(description="null when the run made no reload check.")
     targets: dict[str, dict[str, Any]] = Field(description="Each built target's record, by target name.")
     packages: dict[str, str | None]
     machine: dict[str, Any]

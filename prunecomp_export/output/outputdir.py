@@ -30,9 +30,12 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from types import FrameType
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from prunecomp_export.errors import RecipeError
+
+if TYPE_CHECKING:
+    from prunecomp_export.recipe import Recipe
 
 MANIFEST = "prunecomp_manifest.json"
 #: OSErrors that mean "the output cannot be written": reported in one line, not a traceback
@@ -85,21 +88,41 @@ def check_output_dir(out: Path, *, overwrite: bool, protected: Sequence[Path] = 
         _refuse(f"cannot create {final}: {ancestor} is not writable")
 
 
+def recipe_output(recipe: Recipe) -> Path:
+    """The output directory a recipe asks for, checked by ``check_output_dir`` against the working
+    directory and the model source (located without reading it): the cheap checks a run makes before
+    it takes the output's lock, so that a refused ``output.dir`` never gets a lock file, and again
+    under the lock."""
+    from prunecomp_export.source.loading import resolve_source
+
+    source = resolve_source(recipe.model)
+    protected = [Path(source.location), *source.files] if source.local else []
+    output = Path(recipe.output.dir)
+    check_output_dir(output, overwrite=recipe.output.overwrite, protected=protected)
+    return output
+
+
 class OutputLock:
     """An exclusive, non-blocking ``flock`` on ``<parent>/.<name>.lock``: a second run on the same
     output fails at once, naming the first run's pid. The kernel drops the lock when its process
     dies, so a killed run leaves at most a stale file that the next run reuses. Released (and the
     file removed) on exit, with the parent directories it had to create when they are still empty.
     The lock path is never followed when it is a symbolic link (a planted link, dangling or not,
-    would make the tool create or truncate a file outside the output): that is refused."""
+    would make the tool create or truncate a file outside the output): that is refused. The object that
+    holds the lock may enter it again (the CLI takes it before handing it to ``pipeline.run``); any
+    other ``OutputLock``, in this process or another, is refused."""
 
     def __init__(self, out: Path):
         self.out = Path(out).resolve()
         self.path = self.out.parent / f".{self.out.name}.lock"
         self._fd: int | None = None
         self._created: list[Path] = []
+        self._entered = 0
 
     def __enter__(self) -> OutputLock:
+        if self._fd is not None:
+            self._entered += 1
+            return self
         missing = [p for p in (self.path.parent, *self.path.parent.parents) if not os.path.lexists(p)]
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._created = missing  # deepest first
@@ -163,6 +186,9 @@ class OutputLock:
         self._created = []
 
     def __exit__(self, *exc_info: object) -> None:
+        if self._entered:
+            self._entered -= 1
+            return
         self._release()
         self._remove_created()
 
