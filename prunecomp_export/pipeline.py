@@ -169,21 +169,24 @@ def _check_lengths(recipe: Recipe, config: Any, bench: bool) -> None:
     limit = getattr(config, "max_position_embeddings", None)
     if not isinstance(limit, int) or isinstance(limit, bool):
         return
-    lengths = {"calibration.seq_len": recipe.calibration.seq_len}
+    # key -> (what is that long, its length in tokens)
+    lengths = {"calibration.seq_len": ("a calibration window", recipe.calibration.seq_len)}
     if recipe.evaluation.perplexity is not None:
-        lengths["evaluation.perplexity.seq_len"] = recipe.evaluation.perplexity.seq_len
+        lengths["evaluation.perplexity.seq_len"] = ("a perplexity window", recipe.evaluation.perplexity.seq_len)
     if bench:
         for index, scenario in enumerate(recipe.bench.scenarios):
             key = f"bench.scenarios.{index}"
             if scenario.kind == "prefill":
-                lengths[f"{key}.prompt_len"] = scenario.prompt_len
+                lengths[f"{key}.prompt_len"] = ("the prompt", scenario.prompt_len)
             elif scenario.kind == "decode":
-                lengths[f"{key}.past_len"] = scenario.past_len + 1
+                lengths[f"{key}.past_len"] = ("past_len + 1", scenario.past_len + 1)
             else:
-                lengths[f"{key}.new_tokens"] = scenario.prompt_len + scenario.new_tokens
-    for key, length in lengths.items():
+                lengths[f"{key}.new_tokens"] = ("prompt_len + new_tokens", scenario.prompt_len + scenario.new_tokens)
+    for key, (what, length) in lengths.items():
         if length > limit:
-            raise RecipeError(f"{length} tokens is more than the model's max_position_embeddings ({limit})", key=key)
+            raise RecipeError(
+                f"{what} is {length} tokens, more than the model's max_position_embeddings ({limit})", key=key
+            )
 
 
 def dry_run(recipe: Recipe, targets: list[str], bench: bool = False) -> DryRunResult:

@@ -173,19 +173,20 @@ CASES = [
     pytest.param(
         edit("seq_len: 16", "seq_len: 2048"),  # the tiny model's max_position_embeddings is 1024
         [],
-        "{recipe}, calibration.seq_len: 2048 tokens is more than the model's max_position_embeddings (1024)",
+        "{recipe}, calibration.seq_len: a calibration window is 2048 tokens, more than the model's "
+        "max_position_embeddings (1024)",
         id="seq-len-past-positions",
     ),
     pytest.param(
         edit(suffix="evaluation:\n  perplexity: {{corpora: [{text}], seq_len: 1025}}\n"),
         [],
-        "{recipe}, evaluation.perplexity.seq_len: 1025 tokens is more than",
+        "{recipe}, evaluation.perplexity.seq_len: a perplexity window is 1025 tokens, more than",
         id="ppl-seq-len-past-positions",
     ),
     pytest.param(
         edit(suffix="bench:\n  scenarios: [{{name: long, kind: throughput, prompt_len: 1000, new_tokens: 100}}]\n"),
         ["--bench"],
-        "bench.scenarios.0.new_tokens: 1100 tokens is more than",
+        "bench.scenarios.0.new_tokens: prompt_len + new_tokens is 1100 tokens, more than",
         id="bench-scenario-past-positions",
     ),
     pytest.param(
