@@ -21,7 +21,7 @@ import stat
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prunecomp_export.errors import ModelError, NotAnOutput, OutputFileError, PrunecompError, RecipeError, shown
 from prunecomp_export.output.manifest import (
@@ -35,6 +35,9 @@ from prunecomp_export.output.manifest import (
 from prunecomp_export.output.outputdir import MANIFEST, OutputLock, staged_update
 from prunecomp_export.progress import Reporter
 from prunecomp_export.recipe import Recipe
+
+if TYPE_CHECKING:
+    from prunecomp_export.report.results import RunResults
 
 RESULTS = "results.json"
 CHECKPOINT = "checkpoint"
@@ -103,9 +106,9 @@ def require_plain_files(output: ExistingOutput) -> None:
         raise DamagedOutput(output, name, what)
 
 
-def require_checkpoint(output: ExistingOutput) -> dict[str, Any]:
+def require_checkpoint(output: ExistingOutput) -> None:
     """The checkpoint's files as the manifest lists them, each present as a regular file (hashing them
-    is ``verify``'s work), and its config.json readable with the manifest's layer count; the config."""
+    is ``verify``'s work), and its config.json readable with the manifest's layer count."""
     directory = output.path / CHECKPOINT
     if not directory.is_dir() or directory.is_symlink():
         raise DamagedOutput(output, CHECKPOINT, "missing or not a directory: the output has no checkpoint")
@@ -114,14 +117,12 @@ def require_checkpoint(output: ExistingOutput) -> dict[str, Any]:
             continue
         try:
             mode = os.lstat(output.path / name).st_mode
-        except FileNotFoundError:
-            raise DamagedOutput(output, name, "missing: the checkpoint is incomplete") from None
-        except NotADirectoryError:
+        except (FileNotFoundError, NotADirectoryError):
             raise DamagedOutput(output, name, "missing: the checkpoint is incomplete") from None
         if not stat.S_ISREG(mode):
             what = "a symbolic link (not followed)" if stat.S_ISLNK(mode) else "not a regular file"
             raise DamagedOutput(output, name, what)
-    return checkpoint_config(output)
+    checkpoint_config(output)
 
 
 def checkpoint_config(output: ExistingOutput) -> dict[str, Any]:
@@ -145,7 +146,7 @@ def checkpoint_config(output: ExistingOutput) -> dict[str, Any]:
     return config
 
 
-def read_output_results(directory: Path):
+def read_output_results(directory: Path) -> RunResults:
     """The output's results.json (``report.results.RunResults``), read as untrusted input: a regular
     file, valid against its schema; else one line naming the file and the key."""
     from pydantic import ValidationError
