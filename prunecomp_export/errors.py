@@ -27,8 +27,9 @@ class KeyedError(PrunecompError):
         self.message = message
         self.key = key
         self.file = file
-        where = ", ".join(part for part in (shown(file) if file else "", key or "") if part)
-        super().__init__(f"{where}: {message}" if where else message)
+        # what came from the input (a file name, a YAML key) may hold control characters: escaped
+        where = ", ".join(shown(part) for part in (file, key) if part)
+        super().__init__(f"{where}: {shown(message)}" if where else shown(message))
 
     def located(self, file: str, key: str | None = None) -> KeyedError:
         """The same problem, naming ``file`` (and ``key``, when the key path is another there)."""
