@@ -28,7 +28,7 @@ COMMON = dict(
     num_attention_heads=4,
     num_key_value_heads=2,
     vocab_size=128,
-    max_position_embeddings=256,
+    max_position_embeddings=1024,  # above the recipe default seq_len (512), which a longer one is refused
     # A tiny epsilon so "exact up to the RMSNorm epsilon" is exact to fp32 precision here.
     rms_norm_eps=1e-12,
     bos_token_id=1,

@@ -54,14 +54,14 @@ def validated_options(name: str, raw: dict) -> Any:
     from pydantic import ValidationError
 
     from prunecomp_export.errors import RecipeError
+    from prunecomp_export.validation import first_error
 
     module = load_target(name)
     try:
         options = module.Options.model_validate(raw)
     except ValidationError as exc:
-        err = exc.errors()[0]
-        key = ".".join(["targets", name, *map(str, err["loc"])])
-        raise RecipeError(err["msg"], key=key) from None
+        key, message = first_error(exc, module.Options)
+        raise RecipeError(message, key=".".join(filter(None, ("targets", name, key)))) from None
     if (check := getattr(module, "preflight", None)) is not None:
         check(options)
     return options

@@ -44,6 +44,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from prunecomp_export.child import ChildRequest, Spawned, log_path_for, run_child, spawned
 from prunecomp_export.errors import PrunecompError, TargetUnavailable, ValidationFailed
+from prunecomp_export.validation import FiniteFloat, check_host
 
 PYTHON_ENV = "PRUNECOMP_VLLM_PYTHON"
 SERVER_MODULE = "vllm.entrypoints.openai.api_server"
@@ -92,16 +93,19 @@ class Options(BaseModel):
     max_model_len: int | None = Field(
         None, ge=16, description="vLLM --max-model-len; default: the model's max_position_embeddings."
     )
-    kv_cache_gib: float | None = Field(
+    kv_cache_gib: FiniteFloat | None = Field(
         1.0,
         gt=0,
-        description="KV cache size (--kv-cache-memory-bytes). None: vLLM sizes it from "
+        description="KV cache size in GiB (--kv-cache-memory-bytes). null: vLLM sizes it from "
         "--gpu-memory-utilization, which on CPU reserves 92% of the machine's RAM.",
     )
     enforce_eager: bool = Field(
         True, description="--enforce-eager: no torch.compile (minutes of start-up on CPU, needs a compiler)."
     )
-    host: str = Field("127.0.0.1", description="Server bind address; loopback unless you mean to expose it.")
+    host: str = Field(
+        "127.0.0.1",
+        description="Server bind address (an IP address or a host name); loopback unless you mean to expose it.",
+    )
     port: int = Field(0, ge=0, le=65535, description="Server port; 0: any free one (serve.sh: 8000).")
     tensor_parallel_size: int = Field(1, ge=1, description="vLLM --tensor-parallel-size.")
     pipeline_parallel_size: int = Field(1, ge=1, description="vLLM --pipeline-parallel-size.")
@@ -115,8 +119,13 @@ class Options(BaseModel):
     python: str | None = Field(
         None, description=f"Interpreter that has vllm; default: ${PYTHON_ENV}, else this interpreter."
     )
-    startup_timeout_s: float = Field(900.0, gt=0, description="Longest wait for the server's /health.")
-    check_timeout_s: float = Field(1800.0, gt=0, description="Longest run of the offline vLLM check.")
+    startup_timeout_s: FiniteFloat = Field(900.0, gt=0, description="Longest wait for the server's /health.")
+    check_timeout_s: FiniteFloat = Field(1800.0, gt=0, description="Longest run of the offline vLLM check.")
+
+    @field_validator("host")
+    @classmethod
+    def _bind_address(cls, host: str) -> str:
+        return check_host(host)
 
     @field_validator("env")
     @classmethod
