@@ -42,6 +42,10 @@ ENVIRONMENT = {
     "HF_HUB_OFFLINE": "1: never contact the Hugging Face hub (local sources and offline tasks only)",
     "HF_HOME": "where the Hugging Face hub cache lives (hub ids, lm-eval datasets)",
     "CUDA_VISIBLE_DEVICES": "the GPUs that `auto`, `cuda` and `cuda:N` choose from",
+    "VLLM_CPU_OMP_THREADS_BIND": "vLLM on the CPU: the cores its threads bind to; the bench binds the first "
+    "bench.threads cores unless this is set",
+    "VLLM_HOST_IP": "the address vLLM's engine processes talk over; 127.0.0.1 for the bench and a loopback "
+    "server unless this is set",
 }
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 120}
