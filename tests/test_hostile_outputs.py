@@ -490,7 +490,7 @@ def test_verify_reports_each_problem_and_reloads_only_what_can_be_reloaded(damag
     from prunecomp_export.output.manifest import ReloadCheck
 
     reloads = []
-    monkeypatch.setattr(ReloadCheck, "run", lambda *args: reloads.append(args) or ({"max_abs_logit_diff": 0.0}, 0))
+    monkeypatch.setattr(ReloadCheck, "run", lambda *args, **kw: reloads.append(args) or {"max_abs_logit_diff": 0.0})
     code, lines, out = damaged("verify", damage)
     assert code == 1, lines
     prefix = f"prunecomp-export: verify: {out}: "
@@ -502,6 +502,33 @@ def test_verify_reports_each_problem_and_reloads_only_what_can_be_reloaded(damag
         assert problems[-1] == expected[-1] and not reloads  # the reload could only crash: not started
     else:
         assert len(problems) == len(expected) and len(reloads) == 1
+
+
+def test_a_reload_that_fails_for_real_is_one_line_and_no_traceback(made, tmp_path):
+    """Weights changed behind the manifest's back (headers sound, hashes taken again): the reload runs,
+    its logits differ, and the child's failure reaches the user as one line: nothing of the child's
+    traceback on the terminal, whatever the child printed on its way."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "out"
+    shutil.copytree(made, out, symlinks=True)
+
+    def tamper(out: Path) -> None:
+        weights = out / "checkpoint" / "model.safetensors"
+        data = bytearray(weights.read_bytes())
+        data[-4096:] = bytes(range(256)) * 16  # the last tensor's values, not its header
+        weights.write_bytes(bytes(data))
+
+    rehashed(tamper)(out)
+    done = subprocess.run(
+        [sys.executable, "-m", "prunecomp_export", "verify", str(out)], capture_output=True, text=True, timeout=600,
+        env={**os.environ, "PRUNECOMP_CACHE": str(tmp_path / "cache")},
+    )  # fmt: skip
+    assert done.returncode == 1, done.stderr
+    assert "Traceback" not in done.stderr
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"prunecomp-export: verify: {out}: reload check: "), last
 
 
 def test_verify_passes_on_the_intact_copy(damaged):
