@@ -199,3 +199,28 @@ def synthetic_checkpoints():
         sys.modules[name] = module  # dataclasses look their module up while the class is created
         spec.loader.exec_module(module)
     return sys.modules[name]
+
+
+#: the smallest recipe that runs on ``tiny_dir`` (format with model, text, out; Python-format braces
+#: doubled); the test files that run the CLI add their sections to it
+TINY_RECIPE = """
+model:
+  source: {model}
+calibration:
+  source: text
+  files: [{text}]
+  num_samples: 2
+  seq_len: 16
+prune:
+  num_drop: 2
+output:
+  dir: {out}
+"""
+#: a bench section that times the tiny model once, on torch, in a second
+TINY_BENCH = """
+bench:
+  runtimes: [torch]
+  scenarios: [{{name: prefill-1x8, kind: prefill, prompt_len: 8}}]
+  warmup: 1
+  threads: 1
+"""

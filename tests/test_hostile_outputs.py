@@ -19,27 +19,9 @@ from click.testing import CliRunner
 
 from prunecomp_export.cli import main
 from prunecomp_export.output.manifest import read_manifest, write_manifest
+from tests.conftest import TINY_BENCH, TINY_RECIPE
 
-RECIPE = """
-model:
-  source: {model}
-calibration:
-  source: text
-  files: [{text}]
-  num_samples: 2
-  seq_len: 16
-prune:
-  num_drop: 2
-evaluation:
-  perplexity: {{corpora: [{text}], seq_len: 16, max_windows: 2}}
-bench:
-  runtimes: [torch]
-  scenarios: [{{name: prefill-1x8, kind: prefill, prompt_len: 8}}]
-  warmup: 1
-  threads: 1
-output:
-  dir: {out}
-"""
+RECIPE = TINY_RECIPE + "evaluation:\n  perplexity: {{corpora: [{text}], seq_len: 16, max_windows: 2}}\n" + TINY_BENCH
 
 MANIFEST = "prunecomp_manifest.json"
 WEIGHTS = "checkpoint/model.safetensors"

@@ -14,20 +14,9 @@ import pytest
 from click.testing import CliRunner
 
 from prunecomp_export.cli import main
+from tests.conftest import TINY_RECIPE
 
-GOOD = """
-model:
-  source: {model}
-calibration:
-  source: text
-  files: [{text}]
-  num_samples: 2
-  seq_len: 16
-prune:
-  num_drop: 2
-output:
-  dir: {out}
-"""
+GOOD = TINY_RECIPE
 
 
 def write(tmp_path: Path, text: str, tiny_dir: Path) -> Path:

@@ -15,28 +15,10 @@ import pytest
 from click.testing import CliRunner
 
 from prunecomp_export.cli import main
+from tests.conftest import TINY_BENCH, TINY_RECIPE
 from tests.fake_vllm import fake_vllm_python
 
-RECIPE = """
-model:
-  source: {model}
-calibration:
-  source: text
-  files: [{text}]
-  num_samples: 2
-  seq_len: 16
-prune:
-  num_drop: 2
-targets:
-  vllm: {{prompts: ["t5 t6 t7"], max_new_tokens: 4}}
-bench:
-  runtimes: [torch]
-  scenarios: [{{name: prefill-1x8, kind: prefill, prompt_len: 8}}]
-  warmup: 1
-  threads: 1
-output:
-  dir: {out}
-"""
+RECIPE = TINY_RECIPE + 'targets:\n  vllm: {{prompts: ["t5 t6 t7"], max_new_tokens: 4}}\n' + TINY_BENCH
 
 
 @pytest.fixture(scope="module")
