@@ -8,7 +8,8 @@ in a child all of that goes away when it exits, and its own peak is measured whe
 
 What every child gets, from this module alone:
 - a session of its own (its own process group), so stopping it stops everything it started: on
-  exit, error, timeout, Ctrl-C or SIGTERM the whole group is terminated, then killed;
+  exit, error, timeout, Ctrl-C or SIGTERM the whole group is terminated, then killed; a function's
+  child also takes its group down when this process dies, even by SIGKILL;
 - its memory sampled from outside its process tree (``TreeSampler``: the RSS of the child and all
   its descendants, every ``SAMPLE_INTERVAL_S``), and its own report of peak device memory; the cost
   is recorded with the running stage (``costs.record_child``);
@@ -26,7 +27,6 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import ctypes
 import importlib
 import io
 import json
@@ -154,12 +154,6 @@ _LIVE: set[subprocess.Popen] = set()
 _LIVE_LOCK = threading.Lock()
 
 
-def _set_parent_death_signal() -> None:
-    """In the child, before exec: SIGTERM when this process dies, even by SIGKILL (Linux)."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
 def _start(cmd: Sequence[str], env: dict[str, str], output: IO[bytes] | int | None) -> subprocess.Popen:
     proc = subprocess.Popen(
         list(cmd),
@@ -168,7 +162,6 @@ def _start(cmd: Sequence[str], env: dict[str, str], output: IO[bytes] | int | No
         stdout=output,
         stderr=subprocess.STDOUT if output is not None else None,
         start_new_session=True,  # its own process group: stop_group reaches everything it starts
-        preexec_fn=_set_parent_death_signal if sys.platform.startswith("linux") else None,
     )
     with _LIVE_LOCK:
         _LIVE.add(proc)
@@ -365,6 +358,7 @@ def run_child(request: ChildRequest) -> ChildResult:
             "prunecomp_export.child_main",
             str(request_file),
             str(response_file),
+            str(os.getpid()),  # the child dies with this process, even when it is killed
         ]
         start = time.perf_counter()
         try:

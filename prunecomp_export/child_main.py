@@ -1,4 +1,5 @@
-"""The child side of ``prunecomp_export.child``: ``python -m prunecomp_export.child_main REQUEST RESPONSE``.
+"""The child side of ``prunecomp_export.child``:
+``python -m prunecomp_export.child_main REQUEST RESPONSE [PARENT_PID]``.
 
 Calls ``module:function(**kwargs)`` from the request and writes the response: the value, or the
 error described so the parent can rebuild it (a ``PrunecompError``: the same class and message, shown
@@ -83,8 +84,21 @@ def _stop_own_group(signum: int, frame: Any) -> None:
     os._exit(128 + signum)
 
 
-def main(request_path: str, response_path: str) -> int:
+def _die_with_parent(parent: int) -> None:
+    """SIGTERM when the parent dies, even by SIGKILL (Linux's parent-death signal), so a killed run
+    leaves no child behind; set here, after exec (a pre-exec hook is unsafe in a threaded parent)."""
+    with contextlib.suppress(OSError, AttributeError, ValueError):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # the parent died before the signal was armed
+        _stop_own_group(signal.SIGTERM, None)
+
+
+def main(request_path: str, response_path: str, parent: int | None = None) -> int:
     signal.signal(signal.SIGTERM, _stop_own_group)
+    if parent is not None:
+        _die_with_parent(parent)
     request = json.loads(Path(request_path).read_text())
     module_name, _, function_name = request["target"].partition(":")
     try:
@@ -106,6 +120,6 @@ def main(request_path: str, response_path: str) -> int:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 3:
-        sys.exit("usage: python -m prunecomp_export.child_main REQUEST.json RESPONSE.json")
-    sys.exit(main(sys.argv[1], sys.argv[2]))
+    if len(sys.argv) not in (3, 4):
+        sys.exit("usage: python -m prunecomp_export.child_main REQUEST.json RESPONSE.json [PARENT_PID]")
+    sys.exit(main(sys.argv[1], sys.argv[2], int(sys.argv[3]) if len(sys.argv) == 4 else None))

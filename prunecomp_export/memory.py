@@ -130,10 +130,6 @@ class Machine:
             raise ValueError(f"{text!r}: give the host's memory too, e.g. {text},host:32GB")
         return cls("cuda" if "cuda" in items else "cpu", items.get("cuda"), items["host"], items.get("cuda"))
 
-    def describe(self) -> str:
-        device = f"{self.device} with {_gb(self.device_free_bytes)} GB free, " if self.gpu else ""
-        return f"{device}{_gb(self.host_available_bytes)} GB of host memory available"
-
 
 def budgets(spec: ExecutionSpec, machine: Machine) -> tuple[int, int]:
     """(device budget D, host budget H) in bytes; on CPU the host is the device and H = D."""

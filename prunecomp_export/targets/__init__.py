@@ -107,14 +107,14 @@ def validated_options(name: str, raw: dict, context: TargetContext | None = None
     from pydantic import ValidationError
 
     from prunecomp_export.errors import RecipeError
+    from prunecomp_export.validation import first_error
 
     target = load_target(name)
     try:
         options = target.Options.model_validate(raw)
     except ValidationError as exc:
-        err = exc.errors()[0]
-        key = ".".join(["targets", name, *map(str, err["loc"])])
-        raise RecipeError(err["msg"], key=key) from None
+        key, message = first_error(exc, target.Options)
+        raise RecipeError(message, key=".".join(filter(None, ("targets", name, key)))) from None
     if here:
         target.preflight(options, context or TargetContext())
     return options

@@ -34,6 +34,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from prunecomp_export.validation import FiniteFloat
+
 # Tolerances on |log-prob(runtime) - log-prob(fp32 reference)| in nats, per runtime dtype: the
 # largest over all tokens compared, and the mean. Measured on the demo's pruned checkpoint (178
 # tokens: 6 prompts, up to 16 new tokens; ``benchmarks/parity_tolerances.py``, README "Parity"):
@@ -89,10 +91,10 @@ class ParityOptions(BaseModel):
     )
     max_new_tokens: int = Field(16, ge=1, le=1024, description="Greedy tokens generated per prompt.")
     top_k: int = Field(5, ge=1, le=20, description="At the first differing token, each side's in the other's top-k.")
-    max_logprob_diff: float | None = Field(
+    max_logprob_diff: FiniteFloat | None = Field(
         None, gt=0, description="Largest |log-prob diff| allowed (nats); default: the dtype's measured tolerance."
     )
-    mean_logprob_diff: float | None = Field(
+    mean_logprob_diff: FiniteFloat | None = Field(
         None, gt=0, description="Mean |log-prob diff| allowed (nats); default: the dtype's measured tolerance."
     )
 

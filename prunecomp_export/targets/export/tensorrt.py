@@ -18,6 +18,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from prunecomp_export.errors import ModelError
+from prunecomp_export.validation import FiniteFloat
 
 
 class Range(BaseModel):
@@ -44,7 +45,7 @@ class Profile(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    workspace_gb: float = Field(4.0, gt=0, description="Builder workspace memory pool limit, GiB.")
+    workspace_gb: FiniteFloat = Field(4.0, gt=0, description="Builder workspace memory pool limit, GiB.")
     batch: Range = Field(
         default_factory=lambda: Range(min=1, opt=1, max=8), description="Batch size range of the profile."
     )

@@ -39,6 +39,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from prunecomp_export.child import Spawned, log_path_for, spawned
 from prunecomp_export.errors import PrunecompError, TargetUnavailable
+from prunecomp_export.validation import FiniteFloat, check_host
 
 PYTHON_ENV = "PRUNECOMP_VLLM_PYTHON"
 SERVER_MODULE = "vllm.entrypoints.openai.api_server"
@@ -77,16 +78,19 @@ class Settings(BaseModel):
         description="vLLM --max-model-len; default: what the memory plan's KV cache holds (CPU), "
         "else the model's max_position_embeddings.",
     )
-    kv_cache_gib: float | None = Field(
-        None, gt=0, description="KV cache size (--kv-cache-memory-bytes); default: from the memory plan."
+    kv_cache_gib: FiniteFloat | None = Field(
+        None, gt=0, description="KV cache size in GiB (--kv-cache-memory-bytes); default: from the memory plan."
     )
-    gpu_memory_utilization: float | None = Field(
+    gpu_memory_utilization: FiniteFloat | None = Field(
         None, gt=0, le=1, description="vLLM's share of each GPU; default: the memory plan's device budget over the GPU."
     )
     enforce_eager: bool = Field(
         True, description="--enforce-eager: no torch.compile (minutes of start-up on CPU, needs a compiler)."
     )
-    host: str = Field("127.0.0.1", description="Server bind address; loopback unless you mean to expose it.")
+    host: str = Field(
+        "127.0.0.1",
+        description="Server bind address (an IP address or a host name); loopback unless you mean to expose it.",
+    )
     port: int = Field(0, ge=0, le=65535, description="Server port; 0: any free one (serve.sh: 8000).")
     tensor_parallel_size: int = Field(1, ge=1, description="vLLM --tensor-parallel-size.")
     pipeline_parallel_size: int = Field(1, ge=1, description="vLLM --pipeline-parallel-size.")
@@ -100,8 +104,13 @@ class Settings(BaseModel):
     python: str | None = Field(
         None, description=f"Interpreter that has vllm; default: ${PYTHON_ENV}, else this interpreter."
     )
-    startup_timeout_s: float = Field(900.0, gt=0, description="Longest wait for the server's /health.")
-    check_timeout_s: float = Field(1800.0, gt=0, description="Longest run of the offline vLLM check.")
+    startup_timeout_s: FiniteFloat = Field(900.0, gt=0, description="Longest wait for the server's /health.")
+    check_timeout_s: FiniteFloat = Field(1800.0, gt=0, description="Longest run of the offline vLLM check.")
+
+    @field_validator("host")
+    @classmethod
+    def _bind_address(cls, host: str) -> str:
+        return check_host(host)
 
     @field_validator("env")
     @classmethod
