@@ -417,10 +417,11 @@ ARGS = {"verify": [], "export": ["--target", "vllm"], "serve": [], "bench": []}
 @pytest.fixture
 def damaged(made, tmp_path, monkeypatch):
     """Run one command on a damaged copy of the output; check what every case must hold."""
-    from prunecomp_export.targets import vllm
+    from prunecomp_export.targets import vllm as target
+    from prunecomp_export.targets.runtimes import vllm
 
-    monkeypatch.setattr(vllm, "preflight", lambda options: None)
-    monkeypatch.setattr(vllm, "serve", lambda *args: pytest.fail("serve started on a damaged output"))
+    monkeypatch.setattr(target.VllmTarget, "preflight", lambda self, options, context: None)
+    monkeypatch.setattr(vllm, "serve", lambda *args, **kwargs: pytest.fail("serve started on a damaged output"))
 
     def run(command: str, damage: Callable[[Path], None], *args: str) -> tuple[int, list[str], Path]:
         out = tmp_path / "work" / "out"

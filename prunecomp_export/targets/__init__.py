@@ -28,6 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from prunecomp_export.registry import Registry
 from prunecomp_export.targets.parity import ParityReport
+from prunecomp_export.validation import FiniteFloat
 
 TARGETS: Registry[str] = Registry("target")
 TARGETS.add("hf", "prunecomp_export.targets.hf")
@@ -159,15 +160,55 @@ def build_targets(
     return records
 
 
+class _OlderRecord(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class _OlderLogitCheck(_OlderRecord):
+    max_abs_diff: FiniteFloat
+    passed: bool
+
+
+class _OlderLogits(_OlderRecord):
+    """An ``onnx`` or ``tensorrt`` record of an older prunecomp-export: max abs logit differences."""
+
+    checks: dict[str, _OlderLogitCheck]
+    tolerance: FiniteFloat
+
+
+class _OlderPrompt(_OlderRecord):
+    tokens_equal: bool
+    prompt_ids_equal: bool
+
+
+class _OlderGreedy(_OlderRecord):
+    """A ``vllm`` record of an older prunecomp-export: greedy-token equality per prompt."""
+
+    tokens_equal: bool
+    prompts: list[_OlderPrompt]
+
+
+#: the records an older prunecomp-export wrote, by target: read as "rebuild it", while a record that
+#: is neither this version's nor one of these is a damaged manifest
+OLDER_RECORDS: dict[str, type[BaseModel]] = {"onnx": _OlderLogits, "tensorrt": _OlderLogits, "vllm": _OlderGreedy}
+
+
 def target_parity(records: dict[str, dict]) -> list[dict]:
-    """Each built target's parity, in build order (``TargetParity`` for results.json)."""
+    """Each built target's parity, in build order (``TargetParity`` for results.json). A record of an
+    older prunecomp-export is a failed target to rebuild; an unknown target name raises
+    ``UnknownName``, and a record that is no version's a ``ValueError`` (the manifest refuses both)."""
     from pydantic import ValidationError
 
     parity = []
     for name, raw in records.items():
+        TARGETS.get(name)
         try:
             record = TargetRecord.model_validate(raw)
         except ValidationError:  # built by an older prunecomp-export, judged by its old check
+            older = OLDER_RECORDS.get(name)
+            if older is None:
+                raise
+            older.model_validate(raw)
             error = f"built by an older prunecomp-export; rebuild it: prunecomp-export export OUT --target {name}"
             record = TargetRecord(target=name, passed=False, error=error)
         entry: dict[str, Any] = {"target": name, "passed": record.passed, "error": record.error, "checks": []}
