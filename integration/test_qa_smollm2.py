@@ -125,7 +125,7 @@ def test_qa_with_lm_evals_vllm_backend_in_vllms_interpreter(smollm2_dir: Path, t
     from integration.conftest import vllm_version
     from prunecomp_export.child import ChildRequest, run_child
     from prunecomp_export.memory import VLLM_CPU_KV_CACHE_BYTES
-    from prunecomp_export.targets import vllm
+    from prunecomp_export.targets.runtimes import vllm
 
     if vllm_version() is None:
         pytest.skip("vLLM is not installed")
@@ -137,7 +137,7 @@ def test_qa_with_lm_evals_vllm_backend_in_vllms_interpreter(smollm2_dir: Path, t
         target="prunecomp_export.evaluation.qa:evaluate_qa",
         kwargs={**kwargs, "backend": "vllm", "vllm_engine": engine},
         python=vllm.resolve_python(),
-        env=vllm.vllm_env(vllm.Options()),
+        env=vllm.vllm_env(vllm.Settings()),
         timeout_s=1200,
     )
     with_vllm = run_child(request).value

@@ -294,7 +294,7 @@ def test_the_qa_child_follows_the_memory_plan(tmp_path: Path, monkeypatch: pytes
     from prunecomp_export.memory import QA, Machine, ModelShape, make_memory_plan
     from prunecomp_export.progress import Reporter
     from prunecomp_export.recipe import validate_recipe
-    from prunecomp_export.targets import vllm
+    from prunecomp_export.targets.runtimes import vllm
 
     shape = ModelShape(
         num_layers=4, hidden_size=256, kv_size=128, mlp_size=512, num_heads=4, vocab_size=50_000, dtype_bytes=4,
@@ -331,7 +331,7 @@ def test_an_uninstalled_qa_backend_is_refused_before_any_weight_is_read(tmp_path
     from click.testing import CliRunner
 
     from prunecomp_export.cli import main
-    from prunecomp_export.targets import vllm
+    from prunecomp_export.targets.runtimes import vllm
 
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(tmp_path / "venv")], check=True)
     monkeypatch.setenv(vllm.PYTHON_ENV, str(tmp_path / "venv" / "bin" / "python"))

@@ -149,9 +149,9 @@ class Evaluator:
             if stage.vllm_engine is not None:
                 kwargs["vllm_engine"] = stage.vllm_engine
         if spec.backend == "vllm":
-            from prunecomp_export.targets import vllm
+            from prunecomp_export.targets.runtimes import vllm
 
-            python, env = vllm.resolve_python(), vllm.vllm_env(vllm.Options())
+            python, env = vllm.resolve_python(), vllm.vllm_env(vllm.Settings())
         elif device.startswith("cuda"):
             # lm-eval places the model on every GPU it sees: it sees the plan's one
             env["CUDA_VISIBLE_DEVICES"] = device.partition(":")[2] or "0"

@@ -289,7 +289,7 @@ def require_backend(backend: str) -> None:
     import subprocess
 
     from prunecomp_export.errors import TargetUnavailable
-    from prunecomp_export.targets import vllm
+    from prunecomp_export.targets.runtimes import vllm
 
     python = vllm.resolve_python()
     try:

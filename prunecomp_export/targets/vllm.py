@@ -18,8 +18,6 @@ from typing import Any
 
 from prunecomp_export.targets import Target, TargetContext, TargetRecord
 from prunecomp_export.targets.parity import ParityOptions
-
-# the interpreter and environment of every vLLM process (also what lm-eval's vLLM backend uses)
 from prunecomp_export.targets.runtimes.vllm import Settings, require_vllm, resolve_python, vllm_env
 
 CHECK_FILE = "vllm_check.json"
