@@ -233,7 +233,11 @@ CASES = [
     pytest.param(
         edit(suffix="targets:\n  vllm: {{prot: 8000}}\n"), [], "targets.vllm.prot: unknown key (did you mean 'port'?)"
     ),
-    pytest.param(edit(suffix="targets:\n  onnx: {{dtype: fp64}}\n"), [], "targets.onnx.dtype: expected 'fp32' or"),
+    pytest.param(
+        edit(suffix="targets:\n  onnx: {{dtype: fp64}}\n"),
+        [],
+        "targets.onnx.dtype: expected 'fp32', 'fp16', 'bf16', 'int8' or 'int4', not the text 'fp64'",
+    ),
     pytest.param(edit(suffix="targets:\n  vllm: 3\n"), [], "targets.vllm: expected a mapping of keys to values, not 3"),
     pytest.param(edit(suffix="targets:\n  vllm: {{host: 'evil host'}}\n"), [], "targets.vllm.host: 'evil host' is not"),
     # flags: a problem with a value they gave names the flag, not the file
