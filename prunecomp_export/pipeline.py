@@ -130,7 +130,8 @@ def preflight(recipe: Recipe, targets: list[str], bench: bool = False) -> Checke
     config = load_config(source, recipe.model)
     adapter = adapter_for(config)
     tied = bool(getattr(config, "tie_word_embeddings", False))
-    plan = make_plan(recipe.prune, config.num_hidden_layers, tied)
+    batches = -(-recipe.calibration.num_samples // recipe.calibration.batch_size)
+    plan = make_plan(recipe.prune, config.num_hidden_layers, tied, num_batches=batches)
     if plan.compensation == "linear" and (refusal := adapter.output_map_refusal()) is not None:
         raise RecipeError(refusal, key="prune.compensation")
     calibration.check_calibration_source(recipe.calibration)

@@ -84,7 +84,7 @@ def test_cli_exits_0_when_signoff_passes_and_reports_parse(tmp_path, tiny_dir):
     out = tmp_path / "out"
     results = json.loads((out / "results.json").read_text())
     jsonschema.validate(results, json.loads(SCHEMA_FILE.read_text()))
-    assert results["schema"] == SCHEMA == "prunecomp-results/4"
+    assert results["schema"] == SCHEMA == "prunecomp-results/5"
     assert RunResults.model_validate(results).to_json() == results
     assert results["signoff"]["passed"] is True
     # trajectory 'all': Prune&Comp and the baseline at 1 and 2 removed layers, dense once

@@ -264,7 +264,7 @@ def test_export_builds_a_target_into_the_output_and_records_it(output, tmp_path,
     assert manifest["targets"]["vllm"]["checkpoint"] == "checkpoint"
     assert "targets/vllm/serve.sh" in manifest["files"]
     results = json.loads((moved / "results.json").read_text())
-    assert results["schema"] == "prunecomp-results/4"
+    assert results["schema"] == "prunecomp-results/5"
     assert [
         (t["target"], t["passed"], [(c["measured"], c["limit"]) for c in t["checks"]]) for t in results["targets"]
     ] == [("vllm", True, [(1, 1)])]

@@ -14,9 +14,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from prunecomp_export.costs import StageCost
 
-SCHEMA = "prunecomp-results/4"
+SCHEMA = "prunecomp-results/5"
 #: the schemas a results.json of an older output may have, readable as this one (see ``read_results``)
-OLDER_SCHEMAS = ("prunecomp-results/3",)
+OLDER_SCHEMAS = ("prunecomp-results/3", "prunecomp-results/4")
 SCHEMA_FILE = Path(__file__).resolve().parent / "schemas" / "results.schema.json"
 
 Variant = Literal["dense", "baseline", "prunecomp"]
@@ -37,15 +37,28 @@ class ModelInfo(_Strict):
     layers_removed: int = Field(ge=1)
 
 
+class CompensationCheck(_Strict):
+    """``engine.CompensationCheck``: the removal's calibration loss on the judge batches (held back
+    from the compensation's fit) with the full compensation, with none, and with half of it (tried
+    only when the full one raised the loss); ``kept`` is what was folded."""
+
+    kept: Literal["full", "half", "none"]
+    loss_full: float
+    loss_none: float
+    loss_half: float | None = None
+
+
 class TrajectoryStep(_Strict):
     """One removal: contiguous original layer indices, the scalar folded for them, the paper's
-    magnitude gap measured for them (None without scalar compensation) and the layer whose MLP
-    output carries a linear compensation map (None without one)."""
+    magnitude gap measured for them (None without scalar compensation), the layer whose MLP
+    output carries a linear compensation map (None without one) and the held-back check of the
+    compensation (None where there was none to check)."""
 
     removed: list[int] = Field(min_length=1)
     alpha: float = Field(gt=0)
     paper_alpha: float | None = Field(None, gt=0)
     output_map_layer: int | None = Field(None, ge=0)
+    check: CompensationCheck | None = None
 
 
 class TrajectoryRound(_Strict):
@@ -58,6 +71,9 @@ class TrajectoryRound(_Strict):
     calibration_loss: float | None
     layer_forwards: int
     full_forward_layer_forwards: int
+    #: the shortlist judged this round (original indices) and each one's loss on the judge batches
+    judged_layers: list[int] | None = None
+    judged_losses: list[float] | None = None
 
 
 class TrajectoryInfo(_Strict):
@@ -68,6 +84,9 @@ class TrajectoryInfo(_Strict):
     compensation: Literal["magnitude", "fitted", "linear", "none"]
     fold_form: Literal["pre_gap", "post_gap"] | None
     untie: bool
+    #: candidates judged per round by their held-back loss, and the calibration batches held back
+    shortlist: int = Field(1, ge=1)
+    judge_batches: int = Field(0, ge=0)
     dense_calibration_loss: float
     removed_in_order: list[int]
     rounds: list[TrajectoryRound] = Field(min_length=1)
@@ -155,7 +174,7 @@ class RunResults(_Strict):
     )
 
     # "schema" in the file (required there, so no default); ``schema_id`` here (``schema`` is a BaseModel attribute)
-    schema_id: Literal["prunecomp-results/4"] = Field(alias="schema")
+    schema_id: Literal["prunecomp-results/5"] = Field(alias="schema")
     created: str
     model: ModelInfo
     recipe: dict[str, Any]
@@ -190,7 +209,9 @@ def deployed_targets(records: dict[str, dict]) -> list[TargetParity]:
 
 def read_results(path: Path) -> RunResults:
     """An output's results.json. One of an older schema reads as this one where this one only added
-    fields an older output can lack: schema 4 added ``targets``, filled by whoever rewrites the file."""
+    fields an older output can lack: schema 4 added ``targets``, filled by whoever rewrites the file;
+    schema 5 the held-back compensation checks, the judged shortlists, the dense-relative divergence
+    rows and the accuracy intervals, all optional."""
     raw = json.loads(path.read_text())
     if isinstance(raw, dict) and raw.get("schema") in OLDER_SCHEMAS:
         raw = {**raw, "schema": SCHEMA, "targets": raw.get("targets", [])}
