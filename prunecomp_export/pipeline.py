@@ -46,7 +46,14 @@ from prunecomp_export.report.results import (
     TrajectoryInfo,
     deployed_targets,
 )
-from prunecomp_export.report.signoff import accuracy_kept, evaluate_signoff, perplexity_ratios
+from prunecomp_export.report.signoff import (
+    accuracy_kept,
+    accuracy_kept_interval,
+    add_paired_differences,
+    corpus_figures,
+    evaluate_signoff,
+    perplexity_ratios,
+)
 from prunecomp_export.source import calibration, corpus
 from prunecomp_export.source.loading import (
     ResolvedSource,
@@ -290,12 +297,13 @@ def _evaluate(checked: Checked, loaded: Loaded, trajectory: Trajectory, reporter
         loaded.identity["sha256"], {**evaluator.protocol(), "dtype": str(variants.model.dtype)},
         recipe.evaluation.cache_dense,
     )  # fmt: skip
-    rows = cache.load()
-    if rows is not None:
+    cached = cache.load(list(evaluator.windows))
+    if cached is not None:
         reporter.log(f"dense results reused from {cache.path}")
+        rows, evaluator.dense_finals = cached
     else:
         rows = evaluator.evaluate(variants, variants.dense)
-        cache.store(rows)
+        cache.store(rows, evaluator.dense_finals)
     points = _trajectory_points(recipe, plan)
     for k in [*points, plan.num_drop]:
         variant = variants.prunecomp(trajectory, k)
@@ -305,6 +313,7 @@ def _evaluate(checked: Checked, loaded: Loaded, trajectory: Trajectory, reporter
         rows += evaluator.evaluate(variants, variant)
         if recipe.evaluation.baseline:
             rows += evaluator.evaluate(variants, variants.baseline(trajectory, k))
+    add_paired_differences(rows)
     return rows
 
 
@@ -359,12 +368,7 @@ def _results(
         trajectory=TrajectoryInfo.model_validate(trajectory.to_json()),
         protocol=loaded.evaluator.protocol(),
         measurements=[MeasurementRow.model_validate(row.to_json()) for row in rows],
-        summary=Summary(
-            perplexity_ratio=perplexity_ratios(rows, "prunecomp", final),
-            baseline_perplexity_ratio=perplexity_ratios(rows, "baseline", final),
-            accuracy_kept_percent=accuracy_kept(rows, "prunecomp", final),
-            baseline_accuracy_kept_percent=accuracy_kept(rows, "baseline", final),
-        ),
+        summary=_summary(rows, final),
         bench=bench_results,
         signoff=evaluate_signoff(
             recipe.signoff, rows, final, speedups_at(bench_results, final) if bench_results else None
@@ -375,6 +379,24 @@ def _results(
         peak_rss_bytes=meter.process_peak_rss_bytes(),
         packages=_package_versions(),
         machine=_machine(),
+    )
+
+
+def _summary(rows, final: int) -> Summary:
+    """The final pruned model and the one-shot baseline against the dense model."""
+    margins = {v: accuracy_kept_interval(rows, v, final) for v in ("prunecomp", "baseline")}
+    agreement = {v: corpus_figures(rows, "top1_agreement", v, final) for v in ("prunecomp", "baseline")}
+    return Summary(
+        perplexity_ratio=perplexity_ratios(rows, "prunecomp", final),
+        baseline_perplexity_ratio=perplexity_ratios(rows, "baseline", final),
+        accuracy_kept_percent=accuracy_kept(rows, "prunecomp", final),
+        baseline_accuracy_kept_percent=accuracy_kept(rows, "baseline", final),
+        accuracy_kept_margin=None if margins["prunecomp"] is None else margins["prunecomp"].margin,
+        baseline_accuracy_kept_margin=None if margins["baseline"] is None else margins["baseline"].margin,
+        kl_divergence=corpus_figures(rows, "kl_divergence", "prunecomp", final),
+        baseline_kl_divergence=corpus_figures(rows, "kl_divergence", "baseline", final),
+        top1_agreement_percent={c: 100.0 * v for c, v in agreement["prunecomp"].items()},
+        baseline_top1_agreement_percent={c: 100.0 * v for c, v in agreement["baseline"].items()},
     )
 
 

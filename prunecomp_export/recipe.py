@@ -216,6 +216,15 @@ class SignoffSpec(Strict):
     min_accuracy_kept: float | None = Field(None, gt=0, description="Percent of the dense mean QA accuracy.")
     max_perplexity_ratio: float | None = Field(None, gt=0, description="Pruned / dense, on every corpus.")
     min_speedup: float | None = Field(None, gt=0, description="Dense / pruned latency, every benchmarked runtime.")
+    max_kl_divergence: float | None = Field(
+        None, gt=0, description="Mean KL(dense || pruned) per token, nats, on every perplexity corpus."
+    )
+    min_top1_agreement: float | None = Field(
+        None,
+        gt=0,
+        le=100,
+        description="Percent of tokens whose most likely next token is the dense model's, on every perplexity corpus.",
+    )
 
 
 class Scenario(Strict):

@@ -97,7 +97,9 @@ class MeasurementRow(_Strict):
 
     variant: Variant
     layers_removed: int = Field(ge=0)
-    kind: Literal["perplexity", "accuracy"]
+    #: kl_divergence: mean KL(dense || model) per token in nats (details: p90, p99, tokens);
+    #: top1_agreement: share of tokens whose top-1 token is the dense model's
+    kind: Literal["perplexity", "accuracy", "kl_divergence", "top1_agreement"]
     dataset: str
     value: float
     details: dict[str, Any] = {}
@@ -110,14 +112,26 @@ class Summary(_Strict):
     baseline_perplexity_ratio: dict[str, float]
     accuracy_kept_percent: float | None
     baseline_accuracy_kept_percent: float | None
+    #: half-widths of the 95 % intervals of the accuracy kept, paired over the same questions
+    accuracy_kept_margin: float | None = None
+    baseline_accuracy_kept_margin: float | None = None
+    #: per corpus: mean KL(dense || model) per token (nats) and top-1 agreement with the dense model (%)
+    kl_divergence: dict[str, float] = {}
+    baseline_kl_divergence: dict[str, float] = {}
+    top1_agreement_percent: dict[str, float] = {}
+    baseline_top1_agreement_percent: dict[str, float] = {}
 
 
 class SignoffCheck(_Strict):
-    name: Literal["min_accuracy_kept", "max_perplexity_ratio", "min_speedup"]
+    name: Literal["min_accuracy_kept", "max_perplexity_ratio", "min_speedup", "max_kl_divergence", "min_top1_agreement"]
     threshold: float
     value: float | None
     passed: bool
     detail: str
+    #: half-width of the value's 95 % confidence interval, where it has one (accuracy kept)
+    margin: float | None = None
+    #: the threshold lies inside that interval: the measurement cannot tell pass from fail
+    inside_noise: bool = False
 
 
 class Signoff(_Strict):

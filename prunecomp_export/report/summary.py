@@ -39,7 +39,12 @@ def print_run(result: RunResult, console: Console) -> None:
         rounds.add_row(
             str(r.round),
             ", ".join(map(str, r.step.removed)),
-            compensation_text(r.step.alpha, r.step.paper_alpha, r.step.output_map[0] if r.step.output_map else None),
+            compensation_text(
+                r.step.alpha,
+                r.step.paper_alpha,
+                r.step.output_map[0] if r.step.output_map else None,
+                None if r.step.check is None else r.step.check.kept,
+            ),
             loss,
             str(r.layer_forwards),
             f"{share:.2f}x" if r.layer_forwards else "",
