@@ -7,7 +7,7 @@ token perplexity on the demo's corpora, KL divergence from the dense model and t
 the news text, the prune stage's wall time, the removed layers, and (``--qa``) QA accuracy kept.
 Rows run one after another on the same machine, so their prune times compare.
 
-    python benchmarks/selection_sweep.py [--rows NAME ...] [--qa] [--out outputs/selection-sweep]
+    python benchmarks/selection_sweep.py [--rows NAME ...] [--qa] [--out outputs/selection-sweep] [--table-only]
 
 The one-shot rows: ``one-shot BI (project)`` is block influence's own one-shot choice on the demo's
 calibration (16 x 512), ``one-shot BI (authors)`` the layers the method's authors' code chooses on
@@ -48,8 +48,12 @@ COMMON = ["evaluation.trajectory=[]", "evaluation.baseline=false", "output.verif
 NO_QA = ["evaluation.qa=null"]
 
 
+def directory_of(name: str, out: Path) -> Path:
+    return out / name.replace(" ", "_").replace(",", "").replace("(", "").replace(")", "")
+
+
 def run_row(name: str, keys: list[str], out: Path, qa: bool) -> dict:
-    directory = out / name.replace(" ", "_").replace(",", "").replace("(", "").replace(")", "")
+    directory = directory_of(name, out)
     sets = [*COMMON, *([] if qa else NO_QA), *keys]
     command = [sys.executable, "-m", "prunecomp_export", str(DEMO), "--output", str(directory)]
     command += [arg for key in sets for arg in ("--set", key)]
@@ -72,10 +76,13 @@ def summarise(name: str, results: dict, seconds: float) -> dict:
     figures |= {f"top1 {m['dataset']}": m["value"] for m in rows if m["kind"] == "top1_agreement"}
     prune = next(c for c in results["costs"] if c["name"] == "prune")
     trajectory = results["trajectory"]
+    full_forward = trajectory["rounds"][0]["full_forward_layer_forwards"]
     row = {
         "row": name,
         "removed": trajectory["removed_in_order"],
         "prune_s": prune["wall_s"],
+        # the prune stage's work in full forwards over the calibration set: the capture, then every round
+        "forwards": 1 + sum(r["layer_forwards"] for r in trajectory["rounds"]) / full_forward,
         "run_s": round(seconds, 1),
         "checks": [r["step"]["check"]["kept"] if r["step"].get("check") else None for r in trajectory["rounds"]],
         "accuracy_kept": results["summary"]["accuracy_kept_percent"],
@@ -91,7 +98,7 @@ def table(rows: list[dict]) -> str:
     reference = next((r["prune_s"] for r in rows if r["row"].endswith("(before)")), None)
     corpora = [c for c in rows[0] if c.startswith("gensim-")]
     header = ["row", *corpora, "news vs strongest one-shot", "KL news", "top-1 news", "prune s", "vs BI prune",
-              "QA kept %", "removed, in order", "compensation kept"]  # fmt: skip
+              "full forwards", "QA kept %", "removed, in order", "compensation kept"]  # fmt: skip
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
         cells = [r["row"], *(f"{r[c]:.2f}" for c in corpora)]
@@ -101,6 +108,7 @@ def table(rows: list[dict]) -> str:
         one = r["row"].startswith("one-shot")
         cells.append("" if one else f"{r['prune_s']:.0f}")
         cells.append("" if one or not reference else f"{r['prune_s'] / reference:.2f}")
+        cells.append(f"{r['forwards']:.1f}" if "forwards" in r else "")
         cells.append("" if r["accuracy_kept"] is None else f"{r['accuracy_kept']:.1f}")
         cells.append(" ".join(map(str, r["removed"])))
         cells.append(" ".join("-" if c is None else c for c in r["checks"]))
@@ -114,8 +122,13 @@ def main() -> None:
     parser.add_argument("--qa", action="store_true", help="also lm-eval QA accuracy (slow)")
     parser.add_argument("--out", type=Path, default=ROOT / "outputs" / "selection-sweep")
     parser.add_argument("--json", type=Path, help="write every row here")
+    parser.add_argument("--table-only", action="store_true", help="summarise the rows already run in --out")
     args = parser.parse_args()
-    rows = [run_row(name, ROWS[name], args.out, args.qa) for name in args.rows]
+    if args.table_only:
+        done = [n for n in args.rows if (directory_of(n, args.out) / "results.json").is_file()]
+        rows = [summarise(n, json.loads((directory_of(n, args.out) / "results.json").read_text()), 0) for n in done]
+    else:
+        rows = [run_row(name, ROWS[name], args.out, args.qa) for name in args.rows]
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
     print(table(rows))
