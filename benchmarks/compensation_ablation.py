@@ -183,6 +183,13 @@ def main() -> None:
 
     if "layers" in args.parts:
         for k in args.points:
+            # the reference run's paper alphas (measured on the fit batches), all folded: what its held-back
+            # check decided against, at no cost of another run
+            steps = [(st.removed, st.paper_alpha or 1.0) for st in reference.steps[:k]]
+            paper = variant_after("prunecomp", reference_plan.num_layers, steps, reference_plan.fold_form)
+            figures = measure(s, paper, None)
+            rows.append({"row": "same layers, every paper alpha folded", "layers_removed": k, **figures})
+            print(json.dumps(rows[-1]), flush=True)
             for compensation in args.compensations:
                 plan = plan_for(s, drop_layers=order[:k], compensation=compensation)
                 started = time.perf_counter()
