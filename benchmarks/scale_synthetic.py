@@ -1,17 +1,20 @@
-"""Prune a checkpoint of a real model's shape on the CPU with bounded memory, and check the fold.
+"""Run a checkpoint of a real model's shape through every stage on the CPU within a memory budget,
+measure the memory of the whole process tree from outside it, and check the fold.
 
-1. Write a synthetic TinyLlama-1.1B-shaped checkpoint (bf16, two shards) without holding it whole
-   (``synthetic_checkpoint.py``), unless it is already there.
-2. Run ``prunecomp-export`` on it in a fresh process, removing four inner layers with a memory
-   budget far below the checkpoint's size, so every layer is read from the files when it runs.
-3. Print the CLI's peak RSS (its own, from its results.json; the reload check runs in a child
-   process whose peak is printed apart) divided by the checkpoint size, and every stage's cost.
-4. Check the fold against an independent computation: the dense model run by transformers with
-   the removed layers skipped and the stream multiplied by each removal's alpha at its gap (what
-   every exact fold must equal), against the written checkpoint loaded by transformers. Both run
-   in fp32 on the same bf16 weights, so the difference is the bf16 rounding of the folded weights.
+1. Write a synthetic checkpoint (``synthetic_checkpoint.py``: TinyLlama-1.1B's shape in bf16, or
+   Qwen2.5-0.5B's with its 151,936-token vocabulary in fp32) without holding it whole, unless it is
+   already there.
+2. Run ``prunecomp-export`` on it in a fresh process with ``execution.memory_budget``; with
+   ``--evaluate`` also held-out perplexity, one offline QA task (8 questions) and the reload check.
+3. Sample the CLI's whole process tree every 0.1 s from this process (outside the tree): each
+   process's peak RSS and the tree's; print them against ``--max-process`` / ``--max-tree`` and the
+   memory plan's figures; exit 1 when a bound is exceeded.
+4. Check the fold against an independent computation: the dense model run by transformers with the
+   removed layers skipped and the stream multiplied by each removal's alpha at its gap (what every
+   exact fold must equal), against the written checkpoint loaded by transformers.
 
-    python benchmarks/scale_synthetic.py [--work DIR] [--budget 600MB] [--drop 5 9 13 17]
+    python benchmarks/scale_synthetic.py --budget 1GB --evaluate --max-process 1.6GB --max-tree 2.4GB
+    python benchmarks/scale_synthetic.py --preset qwen2-0.5b --calibration demo --budget 1.5GB --no-fold-check
 """
 
 from __future__ import annotations
@@ -24,25 +27,80 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+from prunecomp_export.child import TreeSampler  # noqa: E402
+from prunecomp_export.recipe import parse_size  # noqa: E402
+
+PRESETS = {"tinyllama-1.1b": ("bfloat16", 2), "qwen2-0.5b": ("float32", 2)}
+#: small: 8 x 128 tokens (fast); demo: the demo recipe's 16 x 512 tokens in batches of 4
+CALIBRATION = {
+    "small": {"source": "builtin", "corpus": "gensim-wiki", "num_samples": 8, "seq_len": 128, "batch_size": 4},
+    "demo": {"source": "builtin", "corpus": "gensim-wiki", "num_samples": 16, "seq_len": 512, "batch_size": 4},
+}
 
 
-def run_cli(source: Path, out: Path, budget: str, drop: list[int], fold: str) -> dict:
-    recipe = {
+def recipe_for(source: Path, out: Path, args: argparse.Namespace) -> dict:
+    evaluation: dict = {"perplexity": None, "baseline": False}
+    if args.evaluate:
+        evaluation = {
+            "perplexity": {"corpora": ["gensim-wiki-heldout"], "seq_len": 128, "max_windows": 8, "batch_size": 4},
+            # the offline tasks' prompts are one sentence: 128 tokens hold every one of them
+            "qa": {"tasks": ["gensim_sentiment"], "limit": 8, "max_length": 128},
+            "baseline": False,
+            "cache_dense": False,
+        }
+    prune = {"metric": "block_influence", "fold": args.fold}
+    prune.update({"drop_layers": args.drop} if args.drop else {"num_drop": args.num_drop})
+    return {
         "model": {"source": str(source)},
-        "calibration": {"source": "builtin", "corpus": "gensim-wiki", "num_samples": 8, "seq_len": 128,
-                        "batch_size": 4},
-        "prune": {"metric": "block_influence", "drop_layers": drop, "fold": fold},
-        "evaluation": {"perplexity": None, "baseline": False},
-        "execution": {"device": "cpu", "memory_budget": budget},
-        "output": {"dir": str(out), "overwrite": True, "max_shard_size": "200MB"},
-    }  # fmt: skip
+        "calibration": CALIBRATION[args.calibration],
+        "prune": prune,
+        "evaluation": evaluation,
+        "execution": {"device": "cpu", "memory_budget": args.budget},
+        "output": {"dir": str(out), "overwrite": True, "max_shard_size": "200MB", "verify": args.evaluate},
+    }
+
+
+def run_cli(recipe: dict, out: Path) -> tuple[dict, TreeSampler, float]:
+    """The CLI in a fresh process, its whole tree sampled from here every 0.1 s."""
     recipe_path = out.parent / "scale-recipe.json"
     recipe_path.write_text(json.dumps(recipe))  # JSON is YAML
     started = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "prunecomp_export", str(recipe_path)], check=True)
-    results = json.loads((out / "results.json").read_text())
-    results["cli_wall_s"] = time.perf_counter() - started
-    return results
+    proc = subprocess.Popen([sys.executable, "-m", "prunecomp_export", str(recipe_path)])
+    with TreeSampler(proc.pid, interval_s=0.1) as sampler:
+        code = proc.wait()
+    if code != 0:
+        sys.exit(f"prunecomp-export exited with {code}")
+    return json.loads((out / "results.json").read_text()), sampler, time.perf_counter() - started
+
+
+def report_memory(results: dict, sampler: TreeSampler, wall_s: float, size: int, args) -> bool:
+    print(f"\ncheckpoint {size / 1e9:.2f} GB; CLI wall {wall_s:.0f} s; budget {args.budget}")
+    print("sampled from outside the process tree every 0.1 s:")
+    for pid, (name, peak) in sorted(sampler.process_peaks.items(), key=lambda item: -item[1][1]):
+        if peak > 100e6:
+            print(f"  {peak / 1e9:5.2f} GB  pid {pid}: {name[:110]}")
+    largest = max(peak for _name, peak in sampler.process_peaks.values())
+    print(f"largest process {largest / 1e9:.2f} GB; whole tree at most {sampler.peak_rss_bytes / 1e9:.2f} GB")
+    print("per stage (the run's own figures; planned figures exclude each process's ~0.6 GB of imports):")
+    planned = {stage["stage"]: stage for stage in results["memory_plan"]["stages"]}
+    for cost in results["costs"]:
+        children = ", ".join(f"{c['name']} {c['peak_rss_bytes'] / 1e9:.2f} GB" for c in cost["children"])
+        print(
+            f"  {cost['name']:>8}: {cost['wall_s']:6.1f} s, CLI {cost['peak_rss_bytes'] / 1e9:.2f} GB, "
+            f"tree {cost['tree_peak_rss_bytes'] / 1e9:.2f} GB" + (f"; {children}" if children else "")
+        )
+    for name, stage in planned.items():
+        print(f"  planned {name}: host {stage['host_bytes'] / 1e9:.2f} GB ({stage['how']})")
+    ok = True
+    if args.max_process and largest > parse_size(args.max_process):
+        print(f"OVER: a process reached {largest / 1e9:.2f} GB > {args.max_process}")
+        ok = False
+    if args.max_tree and sampler.peak_rss_bytes > parse_size(args.max_tree):
+        print(f"OVER: the tree reached {sampler.peak_rss_bytes / 1e9:.2f} GB > {args.max_tree}")
+        ok = False
+    return ok
 
 
 def explicit_logits(source: Path, removed_alphas: list[tuple[int, float]], sample):
@@ -101,39 +159,7 @@ def checkpoint_logits(directory: Path, sample):
         return model(input_ids=sample, use_cache=False).logits.float()
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--work", type=Path, default=Path("outputs/scale-synthetic"))
-    parser.add_argument("--budget", default="600MB")
-    parser.add_argument("--drop", type=int, nargs="+", default=[5, 9, 13, 17])
-    parser.add_argument(
-        "--fold",
-        choices=["post_gap", "pre_gap"],
-        default="post_gap",
-        help="post_gap (default) leaves the small early streams alone; pre_gap scales the embedding, whose "
-        "random stream here is small enough (rms ~0.02) that the RMSNorm epsilon shows in the result",
-    )
-    args = parser.parse_args(argv)
-    source, out = args.work / "tinyllama-1.1b-synthetic", args.work / "pruned"
-    args.work.mkdir(parents=True, exist_ok=True)
-    if not (source / "model.safetensors.index.json").is_file():
-        subprocess.run(
-            [sys.executable, str(HERE / "synthetic_checkpoint.py"), str(source), "--preset", "tinyllama-1.1b",
-             "--dtype", "bfloat16", "--shards", "2"],
-            check=True,
-        )  # fmt: skip
-    size = sum(p.stat().st_size for p in source.glob("*.safetensors"))
-    results = run_cli(source, out, args.budget, args.drop, args.fold)
-
-    peak = results["peak_rss_bytes"]
-    print(f"\ncheckpoint {size / 1e9:.2f} GB; CLI wall {results['cli_wall_s']:.0f} s")
-    print(f"CLI peak RSS {peak / 1e9:.2f} GB = {peak / size:.2f} x the checkpoint (budget {args.budget})")
-    for cost in results["costs"]:
-        child = cost.get("child_peak_rss_bytes")
-        extra = f", child process peak {child / 1e9:.2f} GB" if child else ""
-        print(f"  {cost['name']:>8}: {cost['wall_s']:6.1f} s, peak RSS {cost['peak_rss_bytes'] / 1e9:.2f} GB{extra}")
-    print(f"  placement: {json.dumps(results['execution'])}")
-
+def check_fold(source: Path, out: Path, results: dict) -> None:
     import torch
 
     steps = [(r["step"]["removed"][0], r["step"]["alpha"]) for r in results["trajectory"]["rounds"]]
@@ -143,12 +169,48 @@ def main(argv: list[str] | None = None) -> int:
     in_fp32 = fp32_fold_logits(source, results, sample)
     scale = expected.abs().max().item()
     print(f"removed {[i for i, _ in steps]} with alpha {[round(a, 4) for _, a in steps]}; max |logit| {scale:.3g}")
-    for name, logits in (("written bf16 checkpoint", got), ("the same fold kept in fp32", in_fp32)):
+    for name, logits in (("written checkpoint", got), ("the same fold kept in fp32", in_fp32)):
         diff = (expected - logits).abs().max().item()
         print(f"{name} vs explicit stream scaling: max |logit diff| {diff:.3g} ({diff / scale:.2e} of max |logit|)")
     rounding = (got - in_fp32).abs().max().item()
-    print(f"bf16 rounding of the folded weights alone (written vs fp32 fold): {rounding:.3g}")
-    return 0
+    print(f"rounding of the folded weights alone (written vs fp32 fold): {rounding:.3g}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="tinyllama-1.1b")
+    parser.add_argument("--work", type=Path, default=Path("outputs/scale-synthetic"))
+    parser.add_argument("--budget", default="600MB")
+    parser.add_argument("--calibration", choices=sorted(CALIBRATION), default="small")
+    parser.add_argument("--drop", type=int, nargs="*", default=[5, 9, 13, 17], help="original layers to remove")
+    parser.add_argument("--num-drop", type=int, default=4, help="layers to remove when --drop is not given")
+    parser.add_argument("--evaluate", action="store_true", help="held-out perplexity, one QA task, reload check")
+    parser.add_argument("--max-process", help="fail when any process of the run goes above this, e.g. 1.6GB")
+    parser.add_argument("--max-tree", help="fail when the whole process tree goes above this, e.g. 2.4GB")
+    parser.add_argument("--no-fold-check", action="store_true", help="skip the fold check (it loads the model)")
+    parser.add_argument(
+        "--fold",
+        choices=["post_gap", "pre_gap"],
+        default="post_gap",
+        help="post_gap (default) leaves the small early streams alone; pre_gap scales the embedding, whose "
+        "random stream here is small enough (rms ~0.02) that the RMSNorm epsilon shows in the result",
+    )
+    args = parser.parse_args(argv)
+    dtype, shards = PRESETS[args.preset]
+    source, out = args.work / f"{args.preset}-synthetic", args.work / f"pruned-{args.preset}"
+    args.work.mkdir(parents=True, exist_ok=True)
+    if not (source / "model.safetensors.index.json").is_file():
+        subprocess.run(
+            [sys.executable, str(HERE / "synthetic_checkpoint.py"), str(source), "--preset", args.preset,
+             "--dtype", dtype, "--shards", str(shards)],
+            check=True,
+        )  # fmt: skip
+    size = sum(p.stat().st_size for p in source.glob("*.safetensors"))
+    results, sampler, wall_s = run_cli(recipe_for(source, out, args), out)
+    ok = report_memory(results, sampler, wall_s, size, args)
+    if not args.no_fold_check:
+        check_fold(source, out, results)
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

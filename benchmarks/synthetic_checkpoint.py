@@ -1,4 +1,4 @@
-"""Write a synthetic Hugging Face Llama checkpoint with a real model's shape, without downloading it.
+"""Write a synthetic Hugging Face checkpoint with a real model's shape, without downloading it.
 
 Benchmarks of memory and time need a model of realistic size (TinyLlama-1.1B's shape) on a machine
 with no internet, and the generator itself must not distort what it is used to measure: it never
@@ -12,6 +12,10 @@ uniform(0.8, 1.2). Each tensor has its own generator, seeded with ``seed + its i
 can be regenerated on its own. Keys, shard names and the index are what transformers writes.
 
     python benchmarks/synthetic_checkpoint.py OUT_DIR --preset tinyllama-1.1b --dtype bfloat16 --shards 2
+
+Presets: ``tinyllama-1.1b`` (Llama, untied), ``qwen2-0.5b`` (Qwen2.5-0.5B's shape: Qwen2 with q/k/v
+biases, tied embeddings, a 151,936-token vocabulary), and the tiny ``tiny`` and ``tiny-151k-vocab``
+for tests.
 """
 
 from __future__ import annotations
@@ -42,6 +46,32 @@ PRESETS: dict[str, dict] = {
         max_position_embeddings=2048,
         rms_norm_eps=1e-5,
         rope_theta=10000.0,
+    ),
+    "qwen2-0.5b": dict(
+        architecture="qwen2",
+        tie_word_embeddings=True,
+        hidden_size=896,
+        intermediate_size=4864,
+        num_hidden_layers=24,
+        num_attention_heads=14,
+        num_key_value_heads=2,
+        vocab_size=151936,
+        max_position_embeddings=32768,
+        rms_norm_eps=1e-6,
+        rope_theta=1000000.0,
+    ),
+    "tiny-151k-vocab": dict(
+        architecture="qwen2",
+        tie_word_embeddings=True,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=151936,
+        max_position_embeddings=2048,
+        rms_norm_eps=1e-6,
+        rope_theta=1000000.0,
     ),
     "tiny": dict(
         hidden_size=64,
@@ -78,25 +108,32 @@ class TensorSpec:
 
 
 def tensor_specs(preset: dict) -> list[TensorSpec]:
-    """Every tensor of LlamaForCausalLM (untied), in the order the model defines them."""
+    """Every tensor of the preset's causal LM (Llama, or Qwen2 with its q/k/v biases; lm_head unless
+    the embeddings are tied), in the order the model defines them."""
     hidden, inter, vocab = preset["hidden_size"], preset["intermediate_size"], preset["vocab_size"]
     head_dim = hidden // preset["num_attention_heads"]
     kv = preset["num_key_value_heads"] * head_dim
+    biases = preset.get("architecture") == "qwen2"
     rows: list[tuple[str, tuple[int, ...], str]] = [("model.embed_tokens.weight", (vocab, hidden), "normal")]
     for i in range(preset["num_hidden_layers"]):
         p = f"model.layers.{i}"
         rows += [
             (f"{p}.input_layernorm.weight", (hidden,), "norm"),
             (f"{p}.self_attn.q_proj.weight", (hidden, hidden), "normal"),
+            *([(f"{p}.self_attn.q_proj.bias", (hidden,), "normal")] if biases else []),
             (f"{p}.self_attn.k_proj.weight", (kv, hidden), "normal"),
+            *([(f"{p}.self_attn.k_proj.bias", (kv,), "normal")] if biases else []),
             (f"{p}.self_attn.v_proj.weight", (kv, hidden), "normal"),
+            *([(f"{p}.self_attn.v_proj.bias", (kv,), "normal")] if biases else []),
             (f"{p}.self_attn.o_proj.weight", (hidden, hidden), "normal"),
             (f"{p}.post_attention_layernorm.weight", (hidden,), "norm"),
             (f"{p}.mlp.gate_proj.weight", (inter, hidden), "normal"),
             (f"{p}.mlp.up_proj.weight", (inter, hidden), "normal"),
             (f"{p}.mlp.down_proj.weight", (hidden, inter), "normal"),
         ]
-    rows += [("model.norm.weight", (hidden,), "norm"), ("lm_head.weight", (vocab, hidden), "normal")]
+    rows.append(("model.norm.weight", (hidden,), "norm"))
+    if not preset.get("tie_word_embeddings", False):
+        rows.append(("lm_head.weight", (vocab, hidden), "normal"))
     return [TensorSpec(name, shape, kind, index) for index, (name, shape, kind) in enumerate(rows)]
 
 
@@ -208,16 +245,18 @@ def write_tokenizer(out_dir: Path, vocab_size: int, max_length: int) -> None:
 
 
 def write_config(out_dir: Path, preset: dict, dtype: torch.dtype) -> None:
-    from transformers import LlamaConfig
+    from transformers import LlamaConfig, Qwen2Config
 
-    config = LlamaConfig(
-        **preset,  # rope_theta: transformers 5 moves it into rope_parameters itself
-        tie_word_embeddings=False,
+    fields = {key: value for key, value in preset.items() if key not in ("architecture", "tie_word_embeddings")}
+    qwen2 = preset.get("architecture") == "qwen2"
+    config = (Qwen2Config if qwen2 else LlamaConfig)(
+        **fields,  # rope_theta: transformers 5 moves it into rope_parameters itself
+        tie_word_embeddings=preset.get("tie_word_embeddings", False),
         bos_token_id=BOS_ID,
         eos_token_id=EOS_ID,
         pad_token_id=PAD_ID,
         dtype=str(dtype).removeprefix("torch."),
-        architectures=["LlamaForCausalLM"],
+        architectures=["Qwen2ForCausalLM" if qwen2 else "LlamaForCausalLM"],
     )
     config.save_pretrained(out_dir)
 

@@ -86,3 +86,62 @@ def test_task_names_against_the_real_lm_eval_index() -> None:
     assert qa.validate_tasks(["gensim_analogy", "arc_easy", "hellaswag"]) == ["arc_easy", "hellaswag"]
     with pytest.raises(RecipeError, match=r"unknown QA task 'hellaswg' \(did you mean 'hellaswag'\?\)"):
         qa.validate_tasks(["hellaswg"])
+
+
+def test_every_offline_question_fits_the_demos_128_token_contexts(smollm2_dir: Path) -> None:
+    """The demo recipe plans lm-eval's batches for 128-token contexts (evaluation.qa.max_length): no
+    question with any of its answers may be longer, or lm-eval would cut it."""
+    from transformers import AutoTokenizer
+
+    from integration.conftest import DEMO
+    from prunecomp_export.recipe import load_recipe
+
+    max_length = load_recipe(DEMO).evaluation.qa.max_length
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
+    docs = qa.build_analogy_docs() + qa.build_sentiment_docs()
+    longest = max(len(tokenizer(f"{d['question']} {choice}")["input_ids"]) for d in docs for choice in d["choices"])
+    print(f"longest question with an answer: {longest} tokens (max_length {max_length})")
+    assert longest < max_length == 128
+
+
+def test_qa_within_a_memory_plan_offloads_and_scores_as_the_whole_model(smollm2_dir: Path, tmp_path: Path) -> None:
+    """The demo's plan keeps about half of SmolLM2 in memory and offloads the rest to disk: the same
+    accuracy on the same questions as the model loaded whole."""
+    kwargs = {"limit": 20, "batch_size": 2, "task_dir": tmp_path / "tasks", "max_length": 128}
+    whole = qa.evaluate_qa(smollm2_dir, ["gensim_sentiment"], **kwargs)
+    placed = qa.evaluate_qa(
+        smollm2_dir, ["gensim_sentiment"], **kwargs, max_memory={"cpu": 260_000_000},
+        offload_folder=str(tmp_path / "offload"),
+    )  # fmt: skip
+    modules = placed["protocol"]["placement"]["modules"]
+    assert modules.get("disk", 0) > 0 and modules.get("cpu", 0) > 0
+    assert placed["gensim_sentiment"]["acc"] == whole["gensim_sentiment"]["acc"]
+
+
+def test_qa_with_lm_evals_vllm_backend_in_vllms_interpreter(smollm2_dir: Path, tmp_path: Path) -> None:
+    """evaluation.qa.backend: vllm, as the run starts it (the child runner, vLLM's interpreter and
+    environment, the plan's engine arguments for the CPU): vLLM's log-likelihoods pick the answers
+    transformers' pick, up to a near-tie (fp32 kernels sum in another order)."""
+    from integration.conftest import vllm_version
+    from prunecomp_export.child import ChildRequest, run_child
+    from prunecomp_export.memory import VLLM_CPU_KV_CACHE_BYTES
+    from prunecomp_export.targets import vllm
+
+    if vllm_version() is None:
+        pytest.skip("vLLM is not installed")
+    kwargs = {"model_dir": str(smollm2_dir), "tasks": ["gensim_sentiment"], "limit": 20, "batch_size": 8,
+              "task_dir": str(tmp_path / "tasks"), "max_length": 128}  # fmt: skip
+    engine = {"tensor_parallel_size": 1, "enforce_eager": True, "kv_cache_memory_bytes": VLLM_CPU_KV_CACHE_BYTES}
+    request = ChildRequest(
+        name="QA with vLLM",
+        target="prunecomp_export.evaluation.qa:evaluate_qa",
+        kwargs={**kwargs, "backend": "vllm", "vllm_engine": engine},
+        python=vllm.resolve_python(),
+        env=vllm.vllm_env(vllm.Options()),
+        timeout_s=1200,
+    )
+    with_vllm = run_child(request).value
+    with_hf = qa.evaluate_qa(**{**kwargs, "model_dir": smollm2_dir, "task_dir": tmp_path / "tasks"})
+    print(f"gensim_sentiment, 20 questions: vLLM {with_vllm['gensim_sentiment']}, hf {with_hf['gensim_sentiment']}")
+    assert with_vllm["protocol"]["backend"] == "vllm" and with_vllm["gensim_sentiment"]["n"] == 20
+    assert abs(with_vllm["gensim_sentiment"]["acc"] - with_hf["gensim_sentiment"]["acc"]) <= 0.1  # 2 of 20

@@ -1,29 +1,45 @@
-"""What each stage of a run costs: wall time, peak host memory, peak device memory.
+"""What each stage of a run costs: wall time, peak host memory, peak device memory, for this process,
+for each child process it ran, and for the whole process tree together.
 
 A run's summary should say where the time and the memory went (calibration vs. a target's export vs.
-evaluation), so that a user on a small machine knows which stage to move to a child process or to
-shrink. ``CostMeter`` measures that without a profiler: a sampling thread for host RSS and torch's
-own peak counter for CUDA memory.
+evaluation), so that a user on a small machine knows which stage to move or to shrink. ``CostMeter``
+measures that without a profiler: a sampling thread for host RSS (this process, and every process
+below it), torch's own peak counter for CUDA memory, and each child's cost as the child runner
+measured it (``record_child``: the runner records into whichever stage is running).
 """
 
 from __future__ import annotations
 
 import contextlib
-import resource
+import contextvars
 import sys
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import psutil
 from pydantic import BaseModel
 
+from prunecomp_export.child_main import own_peak_rss_bytes
+
 #: how often the sampling thread reads the process's RSS
 SAMPLE_INTERVAL_S = 0.02
+#: the whole process tree is sampled every this many samples of this process (a tree walk reads /proc)
+TREE_EVERY = 5
+
+
+class ChildCost(BaseModel):
+    """What one child process cost, measured by the child runner from outside the child's tree."""
+
+    name: str
+    wall_s: float
+    #: largest RSS of the child and its descendants together
+    peak_rss_bytes: int
+    #: peak CUDA memory the child allocated, as it reported it; None without CUDA
+    peak_device_bytes: int | None = None
 
 
 class StageCost(BaseModel):
@@ -33,12 +49,18 @@ class StageCost(BaseModel):
     wall_s: float
     #: peak host RSS of this process during the stage
     peak_rss_bytes: int
+    #: peak host RSS of this process and every process below it together, sampled
+    tree_peak_rss_bytes: int | None = None
     #: ``torch.cuda.max_memory_allocated`` during the stage when CUDA is in use, else None
     peak_device_bytes: int | None = None
-    #: peak RSS of a child process that did the stage's heavy work, if any
-    child_peak_rss_bytes: int | None = None
+    #: every child process the stage ran, in order
+    children: list[ChildCost] = []
     #: free-form figures, e.g. the stream cache's size and where it lived
     notes: dict[str, Any] = {}
+
+    @property
+    def child_peak_rss_bytes(self) -> int | None:
+        return max((child.peak_rss_bytes for child in self.children), default=None)
 
 
 @dataclass
@@ -47,16 +69,17 @@ class StageHandle:
 
     name: str
     notes: dict[str, Any] = field(default_factory=dict)
-    child_peak_rss_bytes: int | None = None
+    children: list[ChildCost] = field(default_factory=list)
 
 
-def own_peak_rss_bytes() -> int:
-    """This process's own high-water RSS. Linux's ru_maxrss of an exec'd process starts at its
-    parent's RSS when it forked, so /proc/self/status (VmHWM, reset by exec) is read where it exists."""
-    with contextlib.suppress(OSError, ValueError, StopIteration):
-        status = Path("/proc/self/status").read_text().splitlines()
-        return int(next(line for line in status if line.startswith("VmHWM:")).split()[1]) * 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+_RUNNING: contextvars.ContextVar[StageHandle | None] = contextvars.ContextVar("prunecomp_stage", default=None)
+
+
+def record_child(cost: ChildCost) -> None:
+    """Count a child process's cost in the stage that is running (if a ``CostMeter`` stage is)."""
+    handle = _RUNNING.get()
+    if handle is not None:
+        handle.children.append(cost)
 
 
 def _cuda_in_use() -> Any | None:
@@ -77,7 +100,8 @@ def _cuda_in_use() -> Any | None:
 
 
 class _RssSampler:
-    """Samples this process's RSS in a daemon thread and keeps the maximum."""
+    """Samples this process's RSS in a daemon thread and keeps the maximum; every ``TREE_EVERY``
+    samples also the RSS of this process and all its descendants together."""
 
     def __init__(self, interval_s: float = SAMPLE_INTERVAL_S):
         self._process = psutil.Process()
@@ -85,25 +109,36 @@ class _RssSampler:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="prunecomp-rss-sampler", daemon=True)
         self.peak = 0
+        self.tree_peak = 0
 
     def sample(self) -> int:
         rss = int(self._process.memory_info().rss)
         self.peak = max(self.peak, rss)
         return rss
 
+    def sample_tree(self) -> None:
+        total = self.sample()
+        with contextlib.suppress(psutil.Error):
+            for child in self._process.children(recursive=True):
+                with contextlib.suppress(psutil.Error):
+                    total += child.memory_info().rss
+        self.tree_peak = max(self.tree_peak, total)
+
     def _run(self) -> None:
+        tick = 0
         while not self._stop.wait(self._interval_s):
-            self.sample()
+            tick += 1
+            self.sample_tree() if tick % TREE_EVERY == 0 else self.sample()
 
     def start(self) -> int:
-        start_rss = self.sample()
+        self.sample_tree()
         self._thread.start()
-        return start_rss
+        return self.peak
 
     def stop(self) -> int:
         self._stop.set()
         self._thread.join()
-        self.sample()
+        self.sample_tree()
         return self.peak
 
 
@@ -138,9 +173,11 @@ class CostMeter:
         sampler = _RssSampler(self._sample_interval_s)
         sampler.start()
         start = time.perf_counter()
+        token = _RUNNING.set(handle)
         try:
             yield handle
         finally:
+            _RUNNING.reset(token)
             wall_s = time.perf_counter() - start
             peak = sampler.stop()
             # A spike shorter than the sampling interval is missed by the sampler, but if it raised the
@@ -158,8 +195,10 @@ class CostMeter:
                     name=name,
                     wall_s=wall_s,
                     peak_rss_bytes=peak,
+                    # never below what this process or a child alone reached between two tree samples
+                    tree_peak_rss_bytes=max(sampler.tree_peak, peak, *(c.peak_rss_bytes for c in handle.children)),
                     peak_device_bytes=device_peak,
-                    child_peak_rss_bytes=handle.child_peak_rss_bytes,
+                    children=list(handle.children),
                     notes=dict(handle.notes),
                 )
             )

@@ -25,14 +25,15 @@ from typing import Any
 from prunecomp_export.adapters import Adapter, adapter_for
 from prunecomp_export.bench.timing import benchmark, onnx_exporter, require_runtimes, runtimes_for, speedups_at
 from prunecomp_export.costs import CostMeter, StageCost
-from prunecomp_export.engine.execution import Placement, check_cache_dir, plan_placement, resolve_device
+from prunecomp_export.engine.execution import Placement, resolve_device
 from prunecomp_export.engine.layerwise import trim_host_memory
-from prunecomp_export.engine.loop import Plan, Trajectory, make_plan, prune
+from prunecomp_export.engine.loop import Plan, Trajectory, check_points, make_plan, prune
 from prunecomp_export.errors import RecipeError
 from prunecomp_export.evaluation.evaluator import DenseCache, Evaluator, Measurement
-from prunecomp_export.output.checkpoint import ReloadCheck, dtype_name, write_verification_sample
-from prunecomp_export.output.manifest import write_manifest
-from prunecomp_export.output.outputdir import OutputLock, check_output_dir, staged_output
+from prunecomp_export.memory import RELOAD, Machine, MemoryPlan, ModelShape, make_memory_plan
+from prunecomp_export.output.checkpoint import dtype_name, write_verification_sample
+from prunecomp_export.output.manifest import Manifest, ReloadCheck, ReloadResult, SourceModel, write_manifest
+from prunecomp_export.output.outputdir import OutputLock, recipe_output, staged_output
 from prunecomp_export.progress import Reporter
 from prunecomp_export.recipe import Recipe, dump_recipe
 from prunecomp_export.report.render import write_reports
@@ -40,6 +41,7 @@ from prunecomp_export.report.results import (
     SCHEMA,
     Execution,
     MeasurementRow,
+    MemoryPlanRecord,
     ModelInfo,
     RunResults,
     Summary,
@@ -100,6 +102,7 @@ class Checked:
     adapter: Adapter
     tied: bool
     plan: Plan
+    memory: MemoryPlan
     target_options: dict[str, Any]
     runtimes: list[str]
     output: Path
@@ -111,6 +114,7 @@ class DryRunResult:
     num_layers: int
     tied_embeddings: bool
     plan: Plan
+    memory: MemoryPlan
     targets: list[str]
 
 
@@ -127,13 +131,13 @@ class Loaded:
     placement: Placement
 
 
-def preflight(recipe: Recipe, targets: list[str], bench: bool = False) -> Checked:
-    """Everything that can be checked without weights: source, architecture, plan, corpora, target
-    options, bench runtimes."""
-    output = Path(recipe.output.dir)
-    source = resolve_source(recipe.model)
-    protected = [Path(source.location), *source.files] if source.local else []
-    check_output_dir(output, overwrite=recipe.output.overwrite, protected=protected)
+def preflight(recipe: Recipe, targets: list[str], bench: bool = False, machine: Machine | None = None) -> Checked:
+    """Everything that can be checked without weights: source, architecture, plan, lengths, trajectory
+    and bench points, corpora, QA tasks and backend, sign-off thresholds, target options, bench
+    runtimes, and the memory plan of every stage (for ``machine``, default this one)."""
+    output = recipe_output(recipe, require_weights=machine is None)
+    source = resolve_source(recipe.model, require_weights=machine is None)
+    _check_signoff(recipe, bench)
     config = load_config(source, recipe.model)
     adapter = adapter_for(config)
     tied = bool(getattr(config, "tie_word_embeddings", False))
@@ -141,44 +145,119 @@ def preflight(recipe: Recipe, targets: list[str], bench: bool = False) -> Checke
     plan = make_plan(recipe.prune, config.num_hidden_layers, tied, num_batches=batches)
     if plan.compensation == "linear" and (refusal := adapter.output_map_refusal()) is not None:
         raise RecipeError(refusal, key="prune.compensation")
+    check_points(recipe.evaluation.trajectory, plan, key="evaluation.trajectory", final_included=False)
+    if bench:
+        check_points(recipe.bench.points, plan, key="bench.points", final_included=True)
+    _check_lengths(recipe, config, bench)
     calibration.check_calibration_source(recipe.calibration)
+    if recipe.evaluation.qa is not None:
+        from prunecomp_export.evaluation import qa
+
+        qa.validate_tasks(recipe.evaluation.qa.tasks)  # lm-eval's task index only for a task not built offline
+        qa.require_backend(recipe.evaluation.qa.backend)
     if recipe.evaluation.perplexity is not None:
         for index, name in enumerate(recipe.evaluation.perplexity.corpora):
             corpus.check_corpus(name, key=f"evaluation.perplexity.corpora.{index}")
     options = {name: validated_options(name, recipe.targets.get(name, {})) for name in targets}
     runtimes = runtimes_for(recipe.bench, targets) if bench else []
     require_runtimes(runtimes)
-    resolve_device(recipe.execution)
-    check_cache_dir(recipe.execution)
-    return Checked(recipe, source, config, adapter, tied, plan, options, runtimes, output)
+    memory = memory_plan(recipe, config, adapter, targets, bench, machine)
+    return Checked(recipe, source, config, adapter, tied, plan, memory, options, runtimes, output)
 
 
-def dry_run(recipe: Recipe, targets: list[str], bench: bool = False) -> DryRunResult:
-    checked = preflight(recipe, targets, bench)
+def memory_plan(recipe: Recipe, config, adapter: Adapter, targets: list[str], bench: bool, machine: Machine | None):
+    """The memory plan of every stage (``memory.py``), refused in one line when a stage cannot fit."""
+    if machine is None:
+        machine = Machine.here(resolve_device(recipe.execution))
+    elif recipe.execution.device not in ("auto", machine.device.partition(":")[0]):
+        raise RecipeError(
+            f"{recipe.execution.device!r} does not match the machine planned for ({machine.device})",
+            key="execution.device",
+        )
+    shape = ModelShape.from_config(config, adapter, compute_dtype(recipe.model, config))
+    memory = make_memory_plan(recipe, shape, machine, targets=targets, bench=bench)
+    memory.check()
+    return memory
+
+
+def _check_signoff(recipe: Recipe, bench: bool) -> None:
+    """A threshold whose figure the run will not measure would fail it after all the work: refused now."""
+    signoff, evaluation = recipe.signoff, recipe.evaluation
+    if signoff.min_speedup is not None and not bench:
+        raise RecipeError("needs the latency benchmark: run with --bench (or drop the threshold)",
+                          key="signoff.min_speedup")  # fmt: skip
+    if signoff.min_accuracy_kept is not None and evaluation.qa is None:
+        raise RecipeError("needs evaluation.qa (QA accuracy), which is null", key="signoff.min_accuracy_kept")
+    for key in ("max_perplexity_ratio", "max_kl_divergence", "min_top1_agreement"):
+        if getattr(signoff, key) is not None and evaluation.perplexity is None:
+            raise RecipeError("needs evaluation.perplexity, which is null", key=f"signoff.{key}")
+
+
+def _check_lengths(recipe: Recipe, config: Any, bench: bool) -> None:
+    """Token lengths the model cannot take: longer than its ``max_position_embeddings``."""
+    limit = getattr(config, "max_position_embeddings", None)
+    if not isinstance(limit, int) or isinstance(limit, bool):
+        return
+    # key -> (what is that long, its length in tokens)
+    lengths = {"calibration.seq_len": ("a calibration window", recipe.calibration.seq_len)}
+    if recipe.evaluation.perplexity is not None:
+        lengths["evaluation.perplexity.seq_len"] = ("a perplexity window", recipe.evaluation.perplexity.seq_len)
+    if bench:
+        for index, scenario in enumerate(recipe.bench.scenarios):
+            key = f"bench.scenarios.{index}"
+            if scenario.kind == "prefill":
+                lengths[f"{key}.prompt_len"] = ("the prompt", scenario.prompt_len)
+            elif scenario.kind == "decode":
+                lengths[f"{key}.past_len"] = ("past_len + 1", scenario.past_len + 1)
+            else:
+                lengths[f"{key}.new_tokens"] = ("prompt_len + new_tokens", scenario.prompt_len + scenario.new_tokens)
+    for key, (what, length) in lengths.items():
+        if length > limit:
+            raise RecipeError(
+                f"{what} is {length} tokens, more than the model's max_position_embeddings ({limit})", key=key
+            )
+
+
+def dry_run(recipe: Recipe, targets: list[str], bench: bool = False, machine: Machine | None = None) -> DryRunResult:
+    checked = preflight(recipe, targets, bench, machine)
     config = checked.config
-    return DryRunResult(config.model_type, config.num_hidden_layers, checked.tied, checked.plan, targets)
+    return DryRunResult(
+        config.model_type, config.num_hidden_layers, checked.tied, checked.plan, checked.memory, targets
+    )
 
 
-def run(recipe: Recipe, targets: list[str], reporter: Reporter | None = None, bench: bool = False) -> RunResult:
+def run(
+    recipe: Recipe,
+    targets: list[str],
+    reporter: Reporter | None = None,
+    bench: bool = False,
+    lock: OutputLock | None = None,
+) -> RunResult:
+    """The whole job, under the output's lock: ``lock``, when the caller already holds it (the CLI takes
+    it before importing this module), else one taken before the slow checks."""
     reporter = reporter or Reporter()
     started = time.perf_counter()
-    checked = preflight(recipe, targets, bench)
     meter = CostMeter()
     overwrite = recipe.output.overwrite
-    with OutputLock(checked.output), staged_output(checked.output, overwrite=overwrite) as stage:
+    output = recipe_output(recipe)
+    if lock is not None and lock.out != output.resolve():
+        raise ValueError(f"the lock given is {lock.out}'s, not {output}'s")
+    # the lock first: a second run on this output fails at once, not after the slow checks
+    with lock or OutputLock(output), staged_output(output, overwrite=overwrite) as stage:
+        checked = preflight(recipe, targets, bench)
         with meter.stage("load") as cost:
             loaded = _load(checked, stage, reporter, cost)
             trim_host_memory()  # tokenizing a corpus leaves hundreds of MB of freed heap behind
         with meter.stage("prune") as cost:
             trajectory = _prune(checked, loaded, reporter, cost)
             trim_host_memory()
-        with meter.stage("evaluate") as cost:
+        with meter.stage("evaluate"):
             measurements = _evaluate(checked, loaded, trajectory, reporter)
-            cost.child_peak_rss_bytes = loaded.evaluator.child_peak_rss_bytes or None
-        with meter.stage("save") as cost:
-            checkpoint, verification = _save(checked, loaded, trajectory, stage, reporter, cost)
-        with meter.stage("targets") as cost:
-            target_records = _targets(checked, checkpoint, stage, reporter, cost)
+        with meter.stage("save"):
+            checkpoint, verification = _save(checked, loaded, trajectory, stage, reporter)
+        with meter.stage("targets"):
+            loaded.variants.model.release()
+            target_records = _targets(checked, checkpoint, stage, reporter)
         bench_results = None
         if bench:
             with meter.stage("bench"):
@@ -207,42 +286,37 @@ def run(recipe: Recipe, targets: list[str], reporter: Reporter | None = None, be
 def _load(checked: Checked, stage: Path, reporter: Reporter, cost) -> Loaded:
     """The source as plain safetensors, the tokenizer, the token windows and the layer-by-layer
     model, placed by the memory budget."""
-    import torch
 
-    from prunecomp_export.engine.layerwise import LayerwiseModel, slice_bytes
+    from prunecomp_export.engine.layerwise import LayerwiseModel
     from prunecomp_export.source.weights import SafetensorsCheckpoint
     from prunecomp_export.variants import ModelVariants
 
     recipe = checked.recipe
     reporter.log(f"stage load: {checked.source.description}")
     identity = source_identity(checked.source)
-    directory, child_peak = local_checkpoint(checked.source, recipe.model, identity, reporter.log)
-    cost.child_peak_rss_bytes = child_peak
+    directory = local_checkpoint(checked.source, recipe.model, identity, reporter.log)
     tokenizer = load_tokenizer(directory, recipe.model)
     windows = calibration.calibration_windows(recipe.calibration, tokenizer)
     batches = list(windows.split(recipe.calibration.batch_size))
-    evaluator = Evaluator(recipe.evaluation, tokenizer, reporter)
+    evaluator = Evaluator(recipe.evaluation, tokenizer, reporter, checked.memory)
 
     device = resolve_device(recipe.execution)
     dtype = compute_dtype(recipe.model, checked.config)
     files = SafetensorsCheckpoint(directory)
     # the local checkpoint's own config: for GGUF it is what transformers wrote when dequantising
     config = load_config(ResolvedSource(str(directory), None, True, f"dir:{directory}"), recipe.model)
-    weights_bytes, largest = slice_bytes(files, checked.adapter, dtype)
-    element = torch.empty((), dtype=dtype).element_size()
-    cache_bytes = (checked.plan.num_layers + 1) * windows.numel() * config.hidden_size * element
-    placement = plan_placement(
-        recipe.execution, device, weights_bytes=weights_bytes, largest_slice_bytes=largest, cache_bytes=cache_bytes
-    )
+    memory = checked.memory
+    placement = memory.placement
     model = LayerwiseModel(
         files, config, checked.adapter, device, dtype, resident=placement.weights_resident,
-        attn_implementation=recipe.model.attn_implementation,
+        attn_implementation=recipe.model.attn_implementation, logits_chunk=memory.logits_chunk,
     )  # fmt: skip
     cost.notes.update(placement.describe())
     reporter.log(
         f"stage load: {device}, {dtype}; weights {placement.describe()['weights']} "
-        f"({weights_bytes / 1e9:.2f} GB), stream cache on {placement.cache} ({cache_bytes / 1e9:.2f} GB), "
-        f"budget {placement.budget_bytes / 1e9:.2f} GB"
+        f"({placement.weights_bytes / 1e9:.2f} GB), stream cache on {placement.cache} "
+        f"({placement.cache_bytes / 1e9:.2f} GB), budget {placement.budget_bytes / 1e9:.2f} GB, "
+        f"head in chunks of {memory.logits_chunk} tokens"
     )
     variants = ModelVariants(directory, files, config, checked.adapter, model, checked.plan, stage / ".scratch")
     return Loaded(variants, tokenizer, identity, batches, windows[:2, :64], evaluator, placement)
@@ -261,7 +335,7 @@ def _prune(checked: Checked, loaded: Loaded, reporter: Reporter, cost) -> Trajec
     return trajectory
 
 
-def _save(checked: Checked, loaded: Loaded, trajectory: Trajectory, stage: Path, reporter, cost):
+def _save(checked: Checked, loaded: Loaded, trajectory: Trajectory, stage: Path, reporter):
     """The final variant written by tensor surgery from the source files, then reloaded with
     transformers in a child process and compared with what the engine computes for it. The sample
     and the expected logits stay in the output (``verification.safetensors``) and how the check ran
@@ -273,10 +347,17 @@ def _save(checked: Checked, loaded: Loaded, trajectory: Trajectory, stage: Path,
     variants.write(final, checkpoint, recipe.output.max_shard_size)
     if not recipe.output.verify:
         return checkpoint, None
-    check = ReloadCheck(dtype_name(variants.model.dtype), recipe.model.attn_implementation, str(variants.model.device))
+    load = checked.memory.stage(RELOAD).load
+    check = ReloadCheck(
+        dtype=dtype_name(variants.model.dtype),
+        attn_implementation=recipe.model.attn_implementation,
+        device=str(variants.model.device),
+        max_memory=None if load is None else load.max_memory,
+    )
     write_verification_sample(stage / check.sample_file, loaded.sample, variants.logits(final, loaded.sample))
-    verification, cost.child_peak_rss_bytes = check.run(stage)
-    return checkpoint, {**verification, "check": check.to_json()}
+    variants.model.release()  # the reload check's child gets the memory this process held
+    verification = check.run(stage, scratch=variants.scratch)
+    return checkpoint, ReloadResult(**verification, check=check)
 
 
 def _trajectory_points(recipe: Recipe, plan: Plan) -> list[int]:
@@ -298,32 +379,31 @@ def _evaluate(checked: Checked, loaded: Loaded, trajectory: Trajectory, reporter
         recipe.evaluation.cache_dense,
     )  # fmt: skip
     cached = cache.load(list(evaluator.windows))
+    dense = None
     if cached is not None:
         reporter.log(f"dense results reused from {cache.path}")
-        rows, evaluator.dense_finals = cached
-    else:
-        rows = evaluator.evaluate(variants, variants.dense)
-        cache.store(rows, evaluator.dense_finals)
-    points = _trajectory_points(recipe, plan)
-    for k in [*points, plan.num_drop]:
+        dense, evaluator.dense_finals = cached
+    # the dense model first: its streams are the reference of every divergence figure
+    models = [] if dense is not None else [variants.dense]
+    for k in [*_trajectory_points(recipe, plan), plan.num_drop]:
         variant = variants.prunecomp(trajectory, k)
         if variant is None:
             reporter.log(f"no checkpoint with {k} layers removed in a {trajectory.schedule} run; skipped")
             continue
-        rows += evaluator.evaluate(variants, variant)
-        if recipe.evaluation.baseline:
-            rows += evaluator.evaluate(variants, variants.baseline(trajectory, k))
+        models += [variant, variants.baseline(trajectory, k)] if recipe.evaluation.baseline else [variant]
+    rows = evaluator.evaluate(variants, models)
+    if dense is None:
+        dense = [row for row in rows if row.variant == "dense"]
+        cache.store(dense, evaluator.dense_finals)
+        rows = [row for row in rows if row.variant != "dense"]
+    rows = dense + rows
     add_paired_differences(rows)
     return rows
 
 
-def _targets(checked: Checked, checkpoint: Path, stage: Path, reporter: Reporter, cost) -> dict[str, dict]:
+def _targets(checked: Checked, checkpoint: Path, stage: Path, reporter: Reporter) -> dict[str, dict]:
     """Each target built from the written checkpoint in a child process of its own."""
-    builds = build_targets(checked.target_options, checkpoint, stage, reporter.log)
-    for name, peak in builds.peak_rss_bytes.items():
-        cost.notes[f"{name}_child_peak_rss_bytes"] = peak
-    cost.child_peak_rss_bytes = max(builds.peak_rss_bytes.values(), default=None)
-    return builds.records
+    return build_targets(checked.target_options, checkpoint, stage, reporter.log)
 
 
 def _bench(checked: Checked, loaded: Loaded, trajectory: Trajectory, checkpoint: Path, stage: Path, reporter) -> dict:
@@ -374,6 +454,7 @@ def _results(
             recipe.signoff, rows, final, speedups_at(bench_results, final) if bench_results else None
         ),
         execution=Execution.model_validate(loaded.placement.describe()),
+        memory_plan=MemoryPlanRecord.model_validate(checked.memory.to_json()),
         targets=deployed_targets(target_records),
         costs=meter.stages,
         peak_rss_bytes=meter.process_peak_rss_bytes(),
@@ -409,21 +490,24 @@ def recorded_recipe(recipe: Recipe) -> Recipe:
 
 def _write_manifest(stage: Path, checked: Checked, identity, trajectory, verification, targets, results) -> None:
     plan = checked.plan
-    manifest = {
-        "source_model": identity,
-        "recipe": recorded_recipe(checked.recipe).model_dump(mode="json"),
-        "model_type": checked.config.model_type,
-        "layers_before": plan.num_layers,
-        "layers_after": plan.num_layers - plan.num_drop,
-        "removed": [step.to_json() for step in trajectory.steps],
-        "compensation": trajectory.compensation,
-        "fold_form": trajectory.fold_form,
-        "untied_embeddings": trajectory.untie,
-        "verification": verification,
-        "targets": targets,
-        "packages": results.packages,
-        "machine": results.machine,
-    }
+    manifest = Manifest.model_validate(
+        {
+            "source_model": SourceModel.model_validate(identity),
+            "recipe": recorded_recipe(checked.recipe),
+            "model_type": checked.config.model_type,
+            "layers_before": plan.num_layers,
+            "layers_after": plan.num_layers - plan.num_drop,
+            "removed": [step.to_json() for step in trajectory.steps],
+            "compensation": trajectory.compensation,
+            "fold_form": trajectory.fold_form,
+            "untied_embeddings": trajectory.untie,
+            "verification": verification,
+            "targets": targets,
+            "packages": results.packages,
+            "machine": results.machine,
+            "files": {},  # write_manifest lists them, last
+        }
+    )
     write_manifest(stage, manifest)
 
 

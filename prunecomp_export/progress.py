@@ -11,14 +11,26 @@ from typing import TypeVar
 T = TypeVar("T")
 
 
+#: a non-interactive log gets a line about a long loop at most this often
+PLAIN_PROGRESS_EVERY_S = 60.0
+
+
 class Reporter:
-    """Plain lines on stderr, each with the time of day: what a non-interactive log (CI) needs."""
+    """Plain lines on stderr, each with the time of day: what a non-interactive log (CI) needs. A long
+    loop says how far it got every ``PLAIN_PROGRESS_EVERY_S`` seconds, so the log never sits silent."""
 
     def log(self, message: str) -> None:
         print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
     def track(self, items: Iterable[T], description: str, total: int | None = None) -> Iterator[T]:
-        yield from items
+        if total is None and hasattr(items, "__len__"):
+            total = len(items)  # type: ignore[arg-type]
+        last = time.monotonic()
+        for done, item in enumerate(items, start=1):
+            yield item
+            if time.monotonic() - last >= PLAIN_PROGRESS_EVERY_S:
+                self.log(f"{description}: {done}/{total if total is not None else '?'}")
+                last = time.monotonic()
 
 
 class RichReporter(Reporter):

@@ -77,8 +77,11 @@ class ModelVariants:
     @torch.no_grad()
     def logits(self, variant: Variant, input_ids: torch.Tensor) -> torch.Tensor:
         (hidden,) = self.final_streams(variant, [input_ids])
+        flat = hidden.reshape(-1, hidden.shape[-1])
+        chunk = self.model.logits_chunk
         with self.model.head(variant.embedding_scale, variant.untie) as logits_of:
-            return logits_of(hidden).cpu()
+            parts = [logits_of(flat[start : start + chunk]).cpu() for start in range(0, flat.shape[0], chunk)]
+        return torch.cat(parts).reshape(*hidden.shape[:-1], -1)
 
     @torch.no_grad()
     def perplexity(self, variant: Variant, windows: torch.Tensor, batch_size: int) -> float:
@@ -94,7 +97,7 @@ class ModelVariants:
         batches = list(windows.split(batch_size))
         finals = self.final_streams(variant, batches)
         with self.model.head(variant.embedding_scale, variant.untie) as logits_of:
-            perplexity = math.exp(mean_nll(logits_of, batches, finals))
+            perplexity = math.exp(mean_nll(logits_of, batches, finals, self.model.logits_chunk))
             divergence = None if dense_finals is None else self._divergence(variant, logits_of, dense_finals, finals)
         return WindowFigures(perplexity, finals, divergence)
 
@@ -106,7 +109,9 @@ class ModelVariants:
             same_head = not (self.model.tied and not variant.untie and variant.embedding_scale != 1.0)
             dense_logits_of = logits_of if same_head else stack.enter_context(self.model.head())
             for dense_hidden, hidden in zip(dense_finals, finals, strict=True):
-                tokens.append(token_divergence(dense_logits_of, logits_of, dense_hidden, hidden))
+                tokens.append(
+                    token_divergence(dense_logits_of, logits_of, dense_hidden, hidden, self.model.logits_chunk)
+                )
         kl, agree = (torch.cat(parts) for parts in zip(*tokens, strict=True))
         return Divergence.of_tokens(kl, agree)
 

@@ -3,6 +3,8 @@ tests (fold, cached streams, checkpoint) run over all of them through the ``arch
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import (
@@ -26,7 +28,7 @@ COMMON = dict(
     num_attention_heads=4,
     num_key_value_heads=2,
     vocab_size=128,
-    max_position_embeddings=256,
+    max_position_embeddings=1024,  # above the recipe default seq_len (512), which a longer one is refused
     # A tiny epsilon so "exact up to the RMSNorm epsilon" is exact to fp32 precision here.
     rms_norm_eps=1e-12,
     bos_token_id=1,
@@ -182,3 +184,43 @@ def tiny_dir(tmp_path_factory):
     make_model("llama").save_pretrained(directory)
     tiny_tokenizer().save_pretrained(directory)
     return directory
+
+
+def synthetic_checkpoints():
+    """``benchmarks/synthetic_checkpoint.py`` as a module (it lives beside the benchmarks, not in the package)."""
+    import importlib.util
+    import sys
+
+    name = "synthetic_checkpoint"
+    if name not in sys.modules:
+        script = Path(__file__).resolve().parent.parent / "benchmarks" / f"{name}.py"
+        spec = importlib.util.spec_from_file_location(name, script)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # dataclasses look their module up while the class is created
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+#: the smallest recipe that runs on ``tiny_dir`` (format with model, text, out; Python-format braces
+#: doubled); the test files that run the CLI add their sections to it
+TINY_RECIPE = """
+model:
+  source: {model}
+calibration:
+  source: text
+  files: [{text}]
+  num_samples: 2
+  seq_len: 16
+prune:
+  num_drop: 2
+output:
+  dir: {out}
+"""
+#: a bench section that times the tiny model once, on torch, in a second
+TINY_BENCH = """
+bench:
+  runtimes: [torch]
+  scenarios: [{{name: prefill-1x8, kind: prefill, prompt_len: 8}}]
+  warmup: 1
+  threads: 1
+"""

@@ -65,7 +65,7 @@ def test_rounds_alternate_the_order_and_pool_the_repeats(monkeypatch, tmp_path):
 
     calls = []
 
-    def fake_worker(job, python, timeout_s, path_root=None):
+    def fake_worker(job, python, timeout_s):
         calls.append(job["checkpoint"].rsplit("/", 1)[-1])
         n = float(len(calls))  # the n-th process times everything at n ms
         return {"scenarios": {"p": {"times_ms": [n] * 5, "layer_share": n / 10}}, "load_before": n, "load_after": 0.0,
@@ -124,11 +124,12 @@ def test_torch_worker_times_a_tiny_checkpoint_in_its_own_process(tmp_path):
         assert 0 < result["scenarios"][name]["layer_share"] <= 1
 
 
-def test_worker_errors_are_reported(tmp_path):
-    from prunecomp_export.errors import ValidationFailed
+def test_worker_errors_are_one_line_naming_the_log(tmp_path, monkeypatch):
+    from prunecomp_export.child import ChildFailed
 
+    monkeypatch.setenv("PRUNECOMP_CACHE", str(tmp_path / "cache"))
     job = {**_tiny_job("torch", tmp_path / "missing"), "scenarios": []}
-    with pytest.raises(ValidationFailed, match="torch failed on"):
+    with pytest.raises(ChildFailed, match=r"^bench torch on missing failed: \w+Error: .*\(log: .*\.log\)$"):
         run_worker(job, sys.executable, timeout_s=120)
 
 

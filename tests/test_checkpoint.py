@@ -96,6 +96,23 @@ def test_reloaded_checkpoint_reproduces_logits_and_generates_with_cache(arch, ba
     torch.testing.assert_close(torch.stack(steps), full, rtol=1e-4, atol=1e-4)
 
 
+def test_the_reload_check_within_a_memory_plan_offloads_and_still_reproduces_the_logits(batches, tmp_path):
+    """With the plan's max_memory below the model, accelerate keeps part of it in memory and offloads
+    the rest to disk; the reloaded checkpoint computes the same logits."""
+    model = pruned("llama", batches, [1, 4])
+    save_checkpoint(model, tiny_tokenizer(), tmp_path / "ckpt")
+    size = sum(p.numel() * p.element_size() for p in model.parameters())
+    expected = model(input_ids=batches[0], use_cache=False).logits.float().detach()
+    whole = verify_reload(tmp_path / "ckpt", batches[0], expected, dtype=torch.float32)
+    assert whole["placement"] == {"cpu": 1}
+    result = verify_reload(
+        tmp_path / "ckpt", batches[0], expected, dtype=torch.float32,
+        max_memory={"cpu": size // 3}, offload_folder=str(tmp_path / "offload"),
+    )  # fmt: skip
+    assert result["placement"].get("disk", 0) > 0 and result["placement"].get("cpu", 0) > 0
+    assert result["max_abs_logit_diff"] < 1e-5 and result["generate_cache_equals_no_cache"]
+
+
 def test_weight_keys_are_renumbered_and_attention_indices_follow(batches, tmp_path):
     model = pruned("llama", batches, [0, 3])
     assert [layer.self_attn.layer_idx for layer in model.model.layers] == [0, 1, 2, 3]

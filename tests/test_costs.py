@@ -7,7 +7,7 @@ import time
 import psutil
 import pytest
 
-from prunecomp_export.costs import CostMeter, StageCost
+from prunecomp_export.costs import ChildCost, CostMeter, StageCost, record_child
 
 MB = 1024 * 1024
 
@@ -27,7 +27,7 @@ def test_stage_peak_rss_wall_time_and_notes(earlier_peak_mb):
     with meter.stage("allocate") as stage:
         buf = _resident_buffer(200 * MB)
         stage.notes["cache"] = {"bytes": len(buf), "device": "cpu"}
-        stage.child_peak_rss_bytes = 123
+        record_child(ChildCost(name="helper", wall_s=0.5, peak_rss_bytes=123))
         time.sleep(0.1)  # a real stage holds its memory for longer than a few sampling intervals
         del buf
     with meter.stage("empty"):
@@ -42,6 +42,8 @@ def test_stage_peak_rss_wall_time_and_notes(earlier_peak_mb):
     assert allocate.wall_s > 0 and empty.wall_s > 0
     assert allocate.notes == {"cache": {"bytes": 200 * MB, "device": "cpu"}}
     assert allocate.child_peak_rss_bytes == 123 and empty.child_peak_rss_bytes is None
+    assert [child.name for child in allocate.children] == ["helper"] and empty.children == []
+    assert allocate.tree_peak_rss_bytes >= allocate.peak_rss_bytes
     assert empty.notes == {}
     assert meter.process_peak_rss_bytes() >= allocate.peak_rss_bytes - MB  # ru_maxrss is KiB-rounded
 
@@ -53,3 +55,15 @@ def test_stage_is_recorded_when_the_block_raises():
         raise ValueError("boom")
     (cost,) = meter.stages
     assert cost.name == "fails" and cost.notes == {"step": 1} and cost.peak_rss_bytes > 0
+
+
+def test_the_tree_peak_counts_a_child_process_that_this_process_does_not_see():
+    import subprocess
+    import sys
+
+    meter = CostMeter()
+    code = "b = bytearray(300 * 2**20); b[::4096] = b'x' * len(range(0, len(b), 4096)); import time; time.sleep(1)"
+    with meter.stage("child"):
+        subprocess.run([sys.executable, "-c", code], check=True)
+    (stage,) = meter.stages
+    assert stage.tree_peak_rss_bytes - stage.peak_rss_bytes >= 250 * MB

@@ -224,58 +224,7 @@ def test_disk_cache_records_a_rescale_lazily_and_removes_its_directory(tmp_path)
     assert list(tmp_path.iterdir()) == []
 
 
-# -- placement ---------------------------------------------------------------------------------------
-
-MB = 1_000_000
 CPU = torch.device("cpu")
-
-
-def place(budget: str, *, size: int, slice_: int, cache: int, device=CPU, **spec) -> execution.Placement:
-    """The placement for ``size`` bytes of weights, the largest slice and the stream cache."""
-    return execution.plan_placement(
-        ExecutionSpec(memory_budget=budget, **spec), device,
-        weights_bytes=size, largest_slice_bytes=slice_, cache_bytes=cache,
-    )  # fmt: skip
-
-
-def test_placement_resident_when_weights_and_cache_fit():
-    p = place("1GB", size=600 * MB, slice_=100 * MB, cache=300 * MB)
-    assert p.weights_resident and p.cache == "device"
-    assert p.budget_bytes == 1000 * MB and p.working_bytes == 200 * MB
-    assert p.describe()["weights"] == "resident"
-
-
-def test_placement_streams_weights_and_keeps_the_cache_on_the_device():
-    p = place("1GB", size=2000 * MB, slice_=100 * MB, cache=700 * MB)
-    assert not p.weights_resident and p.cache == "device"  # 2 slices (200MB) + cache (700MB) fit
-    assert p.describe()["weights"] == "streamed"
-
-
-def test_placement_puts_the_cache_on_disk_when_it_does_not_fit(tmp_path):
-    p = place("1GB", size=2000 * MB, slice_=100 * MB, cache=900 * MB, cache_dir=str(tmp_path))
-    assert not p.weights_resident and p.cache == "disk" and p.cache_dir == tmp_path
-    # a GPU run uses host memory first when the cache fits there (90MB: far below half the free host memory)
-    gpu = place("100MB", size=2000 * MB, slice_=10 * MB, cache=90 * MB, device=torch.device("cuda"))
-    assert not gpu.weights_resident and gpu.cache == "host"
-
-
-def test_placement_follows_explicit_choices():
-    p = place("1GB", size=600 * MB, slice_=100 * MB, cache=300 * MB, weights="streamed", stream_cache="disk")
-    assert not p.weights_resident and p.cache == "disk"
-    p = place("1GB", size=2000 * MB, slice_=100 * MB, cache=300 * MB, weights="resident")
-    assert p.weights_resident
-
-
-def test_a_budget_smaller_than_one_layer_is_a_recipe_error():
-    with pytest.raises(RecipeError, match="smaller than what running one layer needs") as info:
-        place("150MB", size=2000 * MB, slice_=100 * MB, cache=10 * MB)
-    assert info.value.key == "execution.memory_budget"
-
-
-def test_a_missing_cache_dir_is_a_recipe_error(tmp_path):
-    with pytest.raises(RecipeError) as info:
-        place("1GB", size=1, slice_=1, cache=1, cache_dir=str(tmp_path / "absent"))
-    assert info.value.key == "execution.cache_dir"
 
 
 def test_devices():

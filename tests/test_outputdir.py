@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from prunecomp_export.child import interrupting_signals
 from prunecomp_export.errors import RecipeError
 from prunecomp_export.output import outputdir
 from prunecomp_export.output.outputdir import (
@@ -21,7 +22,6 @@ from prunecomp_export.output.outputdir import (
     OutputLock,
     check_output_dir,
     exchange,
-    handle_sigterm,
     staged_output,
     write_error_message,
 )
@@ -207,6 +207,91 @@ def test_lock_retries_when_the_holder_removed_the_file_meanwhile(tmp_path, monke
         assert os.stat(lock.path).st_ino == os.fstat(lock._fd).st_ino
 
 
+@pytest.mark.parametrize("dangling", [True, False])
+def test_a_lock_path_that_is_a_symlink_is_refused_and_never_followed(tmp_path, dangling):
+    target = tmp_path / "elsewhere" / "victim"
+    target.parent.mkdir()
+    if not dangling:
+        target.write_text("precious\n")
+    (tmp_path / ".run.lock").symlink_to(target)
+    with pytest.raises(RecipeError, match=r"\.run\.lock is a symbolic link: not following it"):
+        OutputLock(tmp_path / "run").__enter__()
+    assert sorted(p.name for p in target.parent.iterdir()) == ([] if dangling else ["victim"])
+    assert dangling or target.read_text() == "precious\n"
+    assert (tmp_path / ".run.lock").is_symlink()  # left as it was
+
+
+def test_the_lock_removes_the_directories_it_created(tmp_path):
+    with OutputLock(tmp_path / "a" / "b" / "run"):
+        assert (tmp_path / "a" / "b" / ".run.lock").is_file()
+    assert not (tmp_path / "a").exists()
+    with OutputLock(tmp_path / "a" / "b" / "run"):
+        (tmp_path / "a" / "kept").write_text("x")  # a directory that holds something else stays
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["kept"]
+
+
+def test_a_second_run_fails_on_the_lock_before_the_slow_checks(tmp_path, tiny_dir, monkeypatch):
+    from click.testing import CliRunner
+
+    from prunecomp_export import pipeline
+    from prunecomp_export.cli import main
+    from tests.test_recipe_errors import GOOD, write
+
+    def slow(*args, **kwargs):
+        raise AssertionError("the model config was read before the output's lock was taken")
+
+    monkeypatch.setattr(pipeline, "load_config", slow)
+    path = write(tmp_path, GOOD, tiny_dir)
+    out = (tmp_path / "out").resolve()
+    with OutputLock(out):
+        result = CliRunner().invoke(main, [str(path)])
+    assert result.exit_code == 2, result.output
+    (line,) = result.stderr.splitlines()
+    pid = os.getpid()
+    assert line == (
+        f"prunecomp-export: error: {path}, output.dir: {out} is being written by another run (pid {pid}): "
+        "wait for it, or choose another output.dir"
+    )
+    assert leftovers(out) == [] and not out.exists()
+
+
+HEAVY_IMPORTS = """
+import sys
+from prunecomp_export.cli import main
+try:
+    main(sys.argv[1:])
+except SystemExit as exc:
+    print(exc.code, sorted(name for name in ("torch", "transformers") if name in sys.modules))
+"""
+
+
+def test_a_locked_output_is_refused_before_torch_is_imported(tmp_path, tiny_dir):
+    """What makes a second run fail in well under a second: the lock is taken before the pipeline
+    (torch, transformers) is imported. Timing itself is never asserted."""
+    from tests.test_recipe_errors import GOOD, write
+
+    path = write(tmp_path, GOOD, tiny_dir)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    with OutputLock(tmp_path / "out"):
+        done = subprocess.run([sys.executable, "-c", HEAVY_IMPORTS, str(path)], capture_output=True, text=True, env=env)
+    assert "is being written by another run" in done.stderr, done.stderr
+    assert done.stdout.splitlines() == ["2 []"], done.stdout
+
+
+def test_a_run_refused_after_the_lock_leaves_nothing(tmp_path, tiny_dir):
+    from click.testing import CliRunner
+
+    from prunecomp_export.cli import main
+    from tests.test_recipe_errors import GOOD, write
+
+    path = write(tmp_path, GOOD.replace("num_drop: 2", "num_drop: 9"), tiny_dir)
+    before = sorted(tmp_path.rglob("*"))
+    result = CliRunner().invoke(main, [str(path), "--output", str(tmp_path / "new" / "sub" / "out")])
+    assert result.exit_code == 2
+    assert "prune.num_drop: asks to remove 9 layers" in result.stderr
+    assert sorted(tmp_path.rglob("*")) == before  # no lock, no staging, no parent directories
+
+
 # --- staged_output -------------------------------------------------------------------------------------
 
 
@@ -339,9 +424,10 @@ def test_stale_staging_of_dead_runs_is_removed(tmp_path):
 STAGER = """
 import sys, time
 from pathlib import Path
-from prunecomp_export.output.outputdir import handle_sigterm, staged_output
+from prunecomp_export.child import interrupting_signals
+from prunecomp_export.output.outputdir import staged_output
 try:
-    with handle_sigterm(), staged_output(Path(sys.argv[1]), overwrite=True) as stage:
+    with interrupting_signals(), staged_output(Path(sys.argv[1]), overwrite=True) as stage:
         (stage / "marker").write_text("half")
         print(stage, flush=True)
         time.sleep(120)
@@ -373,12 +459,12 @@ def test_a_killed_run_leaves_stale_staging_that_the_next_run_removes(tmp_path):
     assert (final / "marker").read_text() == "new" and leftovers(final) == []
 
 
-# --- handle_sigterm, write errors ----------------------------------------------------------------------
+# --- interrupting_signals, write errors ----------------------------------------------------------------------
 
 
 @pytest.fixture
 def sigterm_guard():
-    """A SIGTERM handler that only records, so a missing handle_sigterm fails the test, not pytest."""
+    """A SIGTERM handler that only records, so a missing interrupting_signals fails the test, not pytest."""
     received = []
 
     def guard(signum, frame):
@@ -389,8 +475,8 @@ def sigterm_guard():
     signal.signal(signal.SIGTERM, previous)
 
 
-def test_handle_sigterm_raises_keyboard_interrupt_and_restores_the_handler(sigterm_guard):
-    with pytest.raises(KeyboardInterrupt), handle_sigterm():
+def test_sigterm_raises_keyboard_interrupt_and_the_handler_is_restored(sigterm_guard):
+    with pytest.raises(KeyboardInterrupt), interrupting_signals():
         os.kill(os.getpid(), signal.SIGTERM)  # the handler runs before the next line
         raise AssertionError("SIGTERM did not interrupt")
     assert signal.getsignal(signal.SIGTERM) is sigterm_guard

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -211,6 +212,23 @@ def test_evaluate_qa_on_tiny_model(tmp_path: Path, task_dir: Path) -> None:
     assert protocol["offline_tasks"]["seed"] == qa.DEFAULT_SEED
     assert set(protocol["offline_tasks"]["data_sha256"]) == set(OFFLINE)
     assert protocol["task_versions"] == {name: float(qa.TASKS_VERSION) for name in OFFLINE}
+    assert protocol["backend"] == "hf" and protocol["placement"]["modules"] == {"cpu": 1}
+
+
+def test_evaluate_qa_within_a_memory_plan_offloads_and_scores_the_same(tmp_path: Path, task_dir: Path) -> None:
+    """lm-eval's model placed by accelerate with max_memory below its size: offloaded to disk, the same
+    accuracy on the same questions as the model loaded whole."""
+    docs = {name: _read_jsonl(task_dir / f"{name}.jsonl") for name in OFFLINE}
+    model, tokenizer = _tiny_checkpoint(tmp_path / "model", [d for rows in docs.values() for d in rows])
+    size = sum(p.numel() * p.element_size() for p in model.parameters())
+    result = qa.evaluate_qa(
+        tmp_path / "model", ["gensim_sentiment"], limit=6, batch_size=4, task_dir=task_dir,
+        max_memory={"cpu": size // 3}, offload_folder=str(tmp_path / "offload"), max_length=256,
+    )  # fmt: skip
+    assert result["protocol"]["placement"]["modules"].get("disk", 0) > 0  # weights read from disk as they run
+    manual = _manual_correct(model, tokenizer, docs["gensim_sentiment"][:6])
+    assert result["gensim_sentiment"]["correct"] == manual
+    assert result["gensim_sentiment"]["acc"] == pytest.approx(sum(manual) / 6)
 
 
 def _result(accs: dict[str, float]) -> dict:
@@ -267,3 +285,65 @@ def test_unknown_task_is_a_recipe_error_with_a_suggestion(tmp_path: Path, name: 
 def test_empty_task_list_is_a_recipe_error() -> None:
     with pytest.raises(RecipeError, match="no QA tasks"):
         qa.validate_tasks([])
+
+
+def test_the_qa_child_follows_the_memory_plan(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Batch size, context length and accelerate's placement come from the plan; the vllm backend runs
+    in vLLM's interpreter with the plan's engine arguments."""
+    from types import SimpleNamespace
+
+    from prunecomp_export.engine.variant import dense_variant
+    from prunecomp_export.evaluation.evaluator import Evaluator
+    from prunecomp_export.memory import QA, Machine, ModelShape, make_memory_plan
+    from prunecomp_export.progress import Reporter
+    from prunecomp_export.recipe import validate_recipe
+    from prunecomp_export.targets import vllm
+
+    shape = ModelShape(
+        num_layers=4, hidden_size=256, kv_size=128, mlp_size=512, num_heads=4, vocab_size=50_000, dtype_bytes=4,
+        weights_bytes=400_000_000, slice_bytes=60_000_000, tensor_bytes=50_000_000, max_positions=4096,
+    )  # fmt: skip
+    variants = SimpleNamespace(model=SimpleNamespace(device="cpu", dtype=torch.float32), scratch=tmp_path / "scratch")
+    monkeypatch.setenv(vllm.PYTHON_ENV, sys.executable)
+    for backend in ("hf", "vllm"):
+        recipe = validate_recipe({
+            "model": {"source": "x"}, "prune": {"num_drop": 1}, "execution": {"memory_budget": "2GB"},
+            "evaluation": {"perplexity": None, "qa": {"tasks": ["gensim_sentiment"], "max_length": 256,
+                                                      "backend": backend, "batch_size": 32}},
+        })  # fmt: skip
+        plan = make_memory_plan(recipe, shape, Machine("cpu", None, 24 * 10**9), targets=[], bench=False)
+        evaluator = Evaluator(recipe.evaluation, None, Reporter(), plan)
+        request = evaluator.qa_request(variants, dense_variant(4), tmp_path / "model")
+        stage = plan.stage(QA)
+        assert request.kwargs["backend"] == backend and request.kwargs["max_length"] == stage.qa_length == 256
+        if backend == "hf":
+            assert request.python is None
+            assert request.kwargs["batch_size"] == stage.load.batch_size < 32
+            assert request.kwargs["max_memory"] == stage.load.max_memory == {"cpu": stage.load.max_memory["cpu"]}
+            assert request.kwargs["offload_folder"].startswith(str(tmp_path / "scratch"))
+        else:
+            assert request.python == vllm.resolve_python()
+            assert request.kwargs["vllm_engine"] == stage.vllm_engine
+            assert stage.vllm_engine["kv_cache_memory_bytes"] == 2**30  # vLLM on the CPU: a fixed KV cache
+            assert request.env["VLLM_NO_USAGE_STATS"] == "1"
+
+
+def test_an_uninstalled_qa_backend_is_refused_before_any_weight_is_read(tmp_path: Path, monkeypatch, tiny_dir) -> None:
+    import subprocess
+
+    from click.testing import CliRunner
+
+    from prunecomp_export.cli import main
+    from prunecomp_export.targets import vllm
+
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(tmp_path / "venv")], check=True)
+    monkeypatch.setenv(vllm.PYTHON_ENV, str(tmp_path / "venv" / "bin" / "python"))
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        f"model: {{source: {tiny_dir}}}\nprune: {{num_drop: 1}}\n"
+        "evaluation: {qa: {tasks: [gensim_sentiment], backend: vllm}}\n"
+    )
+    result = CliRunner().invoke(main, [str(recipe), "--dry-run"])
+    assert result.exit_code == 2, result.output
+    (line,) = result.output.strip().splitlines()
+    assert "evaluation.qa.backend: backend vllm:" in line and "vllm" in line

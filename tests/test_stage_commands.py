@@ -15,28 +15,10 @@ import pytest
 from click.testing import CliRunner
 
 from prunecomp_export.cli import main
+from tests.conftest import TINY_BENCH, TINY_RECIPE
 from tests.fake_vllm import fake_vllm_python
 
-RECIPE = """
-model:
-  source: {model}
-calibration:
-  source: text
-  files: [{text}]
-  num_samples: 2
-  seq_len: 16
-prune:
-  num_drop: 2
-targets:
-  vllm: {{prompts: ["t5 t6 t7"], max_new_tokens: 4}}
-bench:
-  runtimes: [torch]
-  scenarios: [{{name: prefill-1x8, kind: prefill, prompt_len: 8}}]
-  warmup: 1
-  threads: 1
-output:
-  dir: {out}
-"""
+RECIPE = TINY_RECIPE + 'targets:\n  vllm: {{prompts: ["t5 t6 t7"], max_new_tokens: 4}}\n' + TINY_BENCH
 
 
 @pytest.fixture(scope="module")
@@ -205,6 +187,9 @@ def test_verify_names_each_missing_changed_and_unlisted_file(output, tmp_path):
         f"prunecomp-export: verify: {moved}: checkpoint/extra.bin: not listed in the manifest",
         f"prunecomp-export: verify: {moved}: report.md: changed (its sha256 differs from the manifest's)",
         f"prunecomp-export: verify: {moved}: trajectory.json: missing",
+        # a file in the checkpoint the run did not write: its reload would not check what the run checked
+        f"prunecomp-export: verify: {moved}: reload check: not run (the checkpoint or its sample does not match "
+        "the manifest)",
     ]
 
 
@@ -213,7 +198,7 @@ def test_verify_repeats_the_reload_check(output, tmp_path):
     import torch
     from safetensors.torch import load_file, save_file
 
-    from prunecomp_export.output.manifest import write_manifest
+    from prunecomp_export.output.manifest import read_manifest, write_manifest
 
     moved = copy_of(output, tmp_path / "moved")
     weights = moved / "checkpoint" / "model.safetensors"
@@ -221,7 +206,7 @@ def test_verify_repeats_the_reload_check(output, tmp_path):
     tensors["model.norm.weight"] = tensors["model.norm.weight"] * 1.5
     weights.unlink()
     save_file(tensors, weights, metadata={"format": "pt"})
-    write_manifest(moved, json.loads((moved / "prunecomp_manifest.json").read_text()))
+    write_manifest(moved, read_manifest(moved))
     result = invoke("verify", str(moved))
     assert result.exit_code == 1
     (line,) = errors(result)
@@ -231,11 +216,10 @@ def test_verify_repeats_the_reload_check(output, tmp_path):
 
 
 def test_verify_without_a_recorded_check_says_so(output, tmp_path):
-    from prunecomp_export.output.manifest import write_manifest
+    from prunecomp_export.output.manifest import read_manifest, write_manifest
 
     moved = copy_of(output, tmp_path / "moved")
-    manifest = json.loads((moved / "prunecomp_manifest.json").read_text())
-    write_manifest(moved, {**manifest, "verification": None})
+    write_manifest(moved, read_manifest(moved).model_copy(update={"verification": None}))
     result = invoke("verify", str(moved))
     assert result.exit_code == 0, result.output
     assert "reload check skipped: the run made no reload check (output.verify: false)" in result.stdout
@@ -248,14 +232,15 @@ def test_export_builds_a_target_into_the_output_and_records_it(output, tmp_path,
     monkeypatch.setenv("PRUNECOMP_VLLM_PYTHON", str(vllm_python))
     moved = copy_of(output, tmp_path / "moved")
     shutil.rmtree(moved / "targets")
-    manifest = json.loads((moved / "prunecomp_manifest.json").read_text())
-    from prunecomp_export.output.manifest import write_manifest
+    from prunecomp_export.output.manifest import read_manifest, write_manifest
+
+    manifest = read_manifest(moved)
 
     # an output made without targets, by a prunecomp-export whose results.json had no targets (schema 3)
     results = json.loads((moved / "results.json").read_text())
     del results["targets"]
     (moved / "results.json").write_text(json.dumps({**results, "schema": "prunecomp-results/3"}))
-    write_manifest(moved, {**manifest, "targets": {}})
+    write_manifest(moved, manifest.model_copy(update={"targets": {}}))
     weights = (moved / "checkpoint" / "model.safetensors").stat()
     result = invoke("export", str(moved), "--target", "vllm")
     assert result.exit_code == 0, result.output
@@ -350,11 +335,12 @@ def test_bench_times_the_output_against_its_source(output, tmp_path):
 
 
 def test_bench_refuses_a_source_that_is_not_the_pruned_model(output, tmp_path):
-    from prunecomp_export.output.manifest import write_manifest
+    from prunecomp_export.output.manifest import read_manifest, write_manifest
 
     moved = copy_of(output, tmp_path / "moved")
-    manifest = json.loads((moved / "prunecomp_manifest.json").read_text())
-    write_manifest(moved, {**manifest, "source_model": {**manifest["source_model"], "sha256": "0" * 64}})
+    manifest = read_manifest(moved)
+    source = manifest.source_model.model_copy(update={"sha256": "0" * 64})
+    write_manifest(moved, manifest.model_copy(update={"source_model": source}))
     result = invoke("bench", str(moved))
     assert result.exit_code == 2
     (line,) = errors(result)

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,18 +10,9 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "synthetic_checkpoint.py"
+from tests.conftest import synthetic_checkpoints
 
-
-def _load_script():
-    spec = importlib.util.spec_from_file_location("synthetic_checkpoint", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the class is created
-    spec.loader.exec_module(module)
-    return module
-
-
-synth = _load_script()
+synth = synthetic_checkpoints()
 
 
 @pytest.fixture(scope="module")

@@ -8,8 +8,8 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 import textwrap
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -17,6 +17,7 @@ from pathlib import Path
 import pydantic
 import pytest
 
+from prunecomp_export.child import interrupting_signals
 from prunecomp_export.errors import TargetUnavailable, ValidationFailed
 from prunecomp_export.targets import load_target
 from prunecomp_export.targets import vllm as target
@@ -82,8 +83,8 @@ def fake_vllm_python(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     )
     monkeypatch.setenv(target.PYTHON_ENV, python)
     monkeypatch.setenv("FAKE_PIDFILE", str(pidfile))
-    # Server logs (kept on failure, by design) go under tmp_path, not the system temp folder.
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    # Server logs (kept on failure, by design) go under tmp_path, not the user's cache.
+    monkeypatch.setenv("PRUNECOMP_CACHE", str(tmp_path / "cache"))
     return pidfile
 
 
@@ -342,23 +343,25 @@ def test_serve_waits_for_health_then_stops_on_ctrl_c(fake_vllm_python, monkeypat
         signal.raise_signal(signal.SIGINT)  # what Ctrl-C does to the foreground process
 
     code = target.serve(Path("/c"), target.Options(port=target.free_port("127.0.0.1")), on_ready=on_ready)
-    assert code == 0  # the stand-in exits 0 on SIGINT, as vLLM's server does
+    assert code == target.INTERRUPTED  # a stop the user asked for is a normal stop
     assert len(seen) == 1 and seen[0].endswith(" 200")
     assert not _alive(int(fake_vllm_python.read_text()))
 
 
-def test_stop_escalates_to_sigkill_when_the_server_ignores_signals(fake_vllm_python, monkeypatch):
-    monkeypatch.setenv("FAKE_IGNORE_SIGINT", "1")
-    proc, url = target.launch_server(Path("/c"), target.Options())
-    try:
-        target.wait_healthy(proc, url, timeout_s=30)
-        started = time.monotonic()
-        code = target.stop_process(proc, grace=(0.5, 0.5))
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert code == -signal.SIGKILL
-    assert time.monotonic() - started < 10
+def test_sigterm_during_start_up_stops_the_server_as_a_normal_stop(fake_vllm_python, monkeypatch):
+    monkeypatch.setenv("FAKE_READY_AFTER", "-1")  # never healthy: the start-up wait is interrupted
+
+    def terminate_when_started() -> None:
+        deadline = time.monotonic() + 30
+        while not fake_vllm_python.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGTERM)  # as `kill PID` from a pipeline would
+
+    threading.Thread(target=terminate_when_started, daemon=True).start()
+    with interrupting_signals():
+        code = target.serve(Path("/c"), target.Options(startup_timeout_s=60), on_ready=lambda url: None)
+    assert code == target.INTERRUPTED
+    assert not _alive(int(fake_vllm_python.read_text()))
 
 
 # ------------------------------------------------------------------------------------------------

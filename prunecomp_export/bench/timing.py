@@ -14,18 +14,14 @@ profiler, ``layer_share.py``), per scenario; vLLM's is PyTorch eager's. measured
 
 from __future__ import annotations
 
-import contextlib
-import json
 import os
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-from prunecomp_export.errors import TargetUnavailable, ValidationFailed
+from prunecomp_export.errors import TargetUnavailable
 from prunecomp_export.progress import Reporter
 from prunecomp_export.recipe import BenchSpec
 
@@ -107,72 +103,33 @@ def _children_cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def _run_sampling_cpu(cmd: list[str], env: dict, timeout_s: float, job: dict) -> tuple[str, int, float]:
-    """Run the worker in a session of its own; its stderr, exit code and the CPU seconds its process
-    tree was seen to use (sampled twice a second; the whole session is killed on timeout)."""
-    import signal
-
-    import psutil
-
-    proc = subprocess.Popen(
-        cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True,
-        start_new_session=True,
-    )  # fmt: skip
-    seen: dict[int, float] = {}
-    deadline = time.monotonic() + timeout_s
-    while True:
-        with contextlib.suppress(psutil.Error):
-            root = psutil.Process(proc.pid)
-            for member in [root, *root.children(recursive=True)]:
-                with contextlib.suppress(psutil.Error):
-                    times = member.cpu_times()
-                    seen[member.pid] = max(seen.get(member.pid, 0.0), times.user + times.system)
-        try:
-            _, stderr = proc.communicate(timeout=0.5)  # retrying communicate() loses no output
-            return stderr, proc.returncode, sum(seen.values())
-        except subprocess.TimeoutExpired:
-            if time.monotonic() > deadline:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                proc.communicate()
-                raise ValidationFailed(
-                    f"bench: {job['runtime']} on {job['checkpoint']} took over {timeout_s:.0f} s"
-                ) from None
-
-
-def run_worker(job: dict, python: str, timeout_s: float, path_root: str | None = None) -> dict:
-    """One fresh process for one model on one runtime; its JSON result, with ``other_cpu``: how many
+def run_worker(job: dict, python: str, timeout_s: float) -> dict:
+    """One fresh process for one model on one runtime; its result, with ``other_cpu``: how many
     cores other processes kept busy, on average, while it ran (the load average counts the worker's
     own threads, so it cannot tell a busy machine from a bench that uses every core)."""
-    with tempfile.TemporaryDirectory(prefix="prunecomp-bench-") as tmp:
-        job = {**job, "result_path": str(Path(tmp) / "result.json")}
-        job_path = Path(tmp) / "job.json"
-        job_path.write_text(json.dumps(job))
-        env = dict(os.environ)
-        threads = str(job["threads"])
-        env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads, HF_HUB_OFFLINE="1", VLLM_NO_USAGE_STATS="1")
-        if job["runtime"] == "vllm":
-            env.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{job['threads'] - 1}")
-            env.setdefault("VLLM_HOST_IP", "127.0.0.1")
-        if path_root:  # also for the processes the runtime starts (vLLM's engine imports our hooks)
-            env["PYTHONPATH"] = os.pathsep.join(p for p in (path_root, env.get("PYTHONPATH")) if p)
-        prefix = "import sys; " + (f"sys.path.insert(0, {path_root!r}); " if path_root else "")
-        code = prefix + "from prunecomp_export.bench.worker import main; sys.exit(main(sys.argv[1]))"
-        busy_before, own_before, started = _machine_busy_seconds(), _children_cpu_seconds(), time.monotonic()
-        stderr, returncode, tree_cpu = _run_sampling_cpu([python, "-c", code, str(job_path)], env, timeout_s, job)
-        wall = time.monotonic() - started
-        # The worker's own CPU: what the kernel accounts to reaped children, or what sampling its process
-        # tree saw (vLLM's engine process may outlive the worker's wait and escape the first).
-        own = max(_children_cpu_seconds() - own_before, tree_cpu)
-        other_cpu = max(0.0, _machine_busy_seconds() - busy_before - own) / wall
-        result_path = Path(job["result_path"])
-        if not result_path.is_file():
-            tail = "\n".join(stderr.strip().splitlines()[-3:])
-            raise ValidationFailed(f"bench: the {job['runtime']} worker exited with {returncode}: {tail}")
-        result = {**json.loads(result_path.read_text()), "other_cpu": other_cpu}
-    if "error" in result:
-        raise ValidationFailed(f"bench: {job['runtime']} failed on {job['checkpoint']}: {result['error']}")
-    return result
+    from prunecomp_export.child import ChildRequest, run_child
+
+    threads = str(job["threads"])
+    env = {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1"}
+    if job["runtime"] == "vllm":
+        env["VLLM_CPU_OMP_THREADS_BIND"] = os.environ.get("VLLM_CPU_OMP_THREADS_BIND", f"0-{job['threads'] - 1}")
+        env["VLLM_HOST_IP"] = os.environ.get("VLLM_HOST_IP", "127.0.0.1")
+    request = ChildRequest(
+        name=f"bench {job['runtime']} on {Path(job['checkpoint']).name}",
+        target="prunecomp_export.bench.worker:run_job",
+        kwargs={"job": job},
+        python=python,
+        env=env,
+        timeout_s=timeout_s,
+    )
+    busy_before, own_before, started = _machine_busy_seconds(), _children_cpu_seconds(), time.monotonic()
+    child = run_child(request)
+    wall = time.monotonic() - started
+    # The worker's own CPU: what the kernel accounts to reaped children, or what sampling its process
+    # tree saw (vLLM's engine process may outlive the worker's wait and escape the first).
+    own = max(_children_cpu_seconds() - own_before, child.cpu_s)
+    other_cpu = max(0.0, _machine_busy_seconds() - busy_before - own) / wall
+    return {**child.value, "other_cpu": other_cpu}
 
 
 def benchmark(
@@ -194,13 +151,12 @@ def benchmark(
     max_len = max(max(s.prompt_len, s.past_len) + s.new_tokens + 1 for s in spec.scenarios)
     raw: dict[str, dict[int, dict]] = {}
     for runtime in runtimes:
-        python, path_root = sys.executable, None
+        python = sys.executable
         if runtime == "vllm":
             from prunecomp_export.targets import vllm as vllm_target
 
             python = vllm_target.resolve_python()
             vllm_target.require_vllm(python)
-            path_root = vllm_target.package_root_for_child()
         raw[runtime] = {}
         # Rounds alternate the order (dense..pruned, then pruned..dense), so a machine that slows
         # down or speeds up over the run weighs on every point alike.
@@ -225,7 +181,7 @@ def benchmark(
                     onnx_paths[k] = str(onnx_export(checkpoint))
                 job["onnx_path"] = onnx_paths[k]
             started = time.perf_counter()
-            raw[runtime][k] = merge_rounds(raw[runtime].get(k), run_worker(job, python, spec.timeout_s, path_root))
+            raw[runtime][k] = merge_rounds(raw[runtime].get(k), run_worker(job, python, spec.timeout_s))
             reporter.log(f"bench {runtime}, {k} layers removed: {time.perf_counter() - started:.0f} s")
     return summarise(spec, raw, num_layers, threads)
 

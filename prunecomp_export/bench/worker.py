@@ -1,12 +1,11 @@
-"""Times one model on one runtime, in a process of its own (``python -m prunecomp_export.bench.worker
-JOB.json``): a fresh process per model and runtime keeps caches, allocators and thread pools of one
-measurement out of the next. Writes ``{"scenarios": {name: {"times_ms": [...], ...}}}`` as JSON."""
+"""Times one model on one runtime, in a child process of its own (``run_job``, started by the bench
+through the child runner): a fresh process per model and runtime keeps caches, allocators and thread
+pools of one measurement out of the next. Returns ``{"scenarios": {name: {"times_ms": [...], ...}}}``."""
 
 from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 from collections.abc import Callable
 from functools import partial
@@ -284,17 +283,8 @@ def run_vllm(job: dict) -> dict:
 RUNTIMES = {"torch": run_torch, "onnxruntime": run_onnxruntime, "vllm": run_vllm}
 
 
-def main(job_path: str) -> int:
-    job = json.loads(Path(job_path).read_text())
-    result: dict[str, Any] = {"load_before": os.getloadavg()[0]}
-    try:
-        result.update(RUNTIMES[job["runtime"]](job))
-    except BaseException as exc:  # the parent turns this into a clear error
-        result["error"] = f"{type(exc).__name__}: {exc}"
-    result["load_after"] = os.getloadavg()[0]
-    Path(job["result_path"]).write_text(json.dumps(result))
-    return 0 if "error" not in result else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1]))
+def run_job(job: dict) -> dict:
+    """Time ``job["checkpoint"]`` on ``job["runtime"]`` (run in a child process of its own by the bench)."""
+    load_before = os.getloadavg()[0]
+    result = RUNTIMES[job["runtime"]](job)
+    return {**result, "load_before": load_before, "load_after": os.getloadavg()[0]}

@@ -1,8 +1,9 @@
 """Prune&Comp's magnitude compensation: estimate the gap, fold it into the weights.
 
-See docs in method.md section 2 and 3. alpha is one scalar per removal: the mean over channels of
-the mean over sequences of the ratio of per-channel L1 magnitudes (mean |x| over tokens) of the
-stream after and before the removed layer(s). Statistics and scaling are fp32.
+See the paper (Prune&Comp, arXiv 2507.18212) and README.md, "How it works". alpha is one scalar per
+removal: the mean over channels of the mean over sequences of the ratio of per-channel L1 magnitudes
+(mean |x| over tokens) of the stream after and before the removed layer(s). Statistics and scaling
+are fp32.
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
-"""Where the work runs: the device, the dtype, and where the weights and the stream cache live.
+"""Where the work runs: the device, and where the weights and the stream cache live.
 
 A 70B model does not fit one device, and its calibration streams do not fit host memory: the
 engine therefore runs the model one decoder layer at a time (weights read from the source files
-when needed) and keeps the residual streams on the device, in host memory or on disk. ``plan_placement``
-chooses from a memory budget when the recipe does not say, before any weight is read.
+when needed) and keeps the residual streams on the device, in host memory or on disk. The memory
+plan (``memory.py``) chooses the ``Placement`` from the budget before any weight is read.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Literal
 
 from prunecomp_export.errors import RecipeError
-from prunecomp_export.recipe import ExecutionSpec, parse_size
+from prunecomp_export.recipe import ExecutionSpec
 
 CachePlace = Literal["device", "host", "disk"]
 
@@ -47,19 +47,6 @@ def check_cache_dir(spec: ExecutionSpec) -> Path:
     return directory
 
 
-def memory_budget(spec: ExecutionSpec, device) -> int:
-    if spec.memory_budget is not None:
-        return parse_size(spec.memory_budget)
-    if device.type == "cuda":
-        import torch
-
-        free, _total = torch.cuda.mem_get_info(device)
-        return int(0.8 * free)
-    import psutil
-
-    return int(0.5 * psutil.virtual_memory().available)
-
-
 @dataclass(frozen=True)
 class Placement:
     """Where the weights and the stream cache live for one run, and why (for the record)."""
@@ -83,40 +70,3 @@ class Placement:
             "stream_cache_bytes": self.cache_bytes,
             "working_bytes": self.working_bytes,
         }
-
-
-def plan_placement(
-    spec: ExecutionSpec, device, *, weights_bytes: int, largest_slice_bytes: int, cache_bytes: int
-) -> Placement:
-    """Weights resident if they fit beside the cache; else streamed, one slice (a layer, or the
-    embedding and head) at a time. The cache goes to the device when it fits beside what is resident,
-    then host memory (GPU runs), then disk. A budget too small for one slice is an error."""
-    budget = memory_budget(spec, device)
-    working = 2 * largest_slice_bytes  # the slice being run and the next one being read
-    cache_dir = check_cache_dir(spec)
-    if working > budget and spec.weights != "resident":
-        raise RecipeError(
-            f"the memory budget ({budget / 1e9:.2f} GB) is smaller than what running one layer needs "
-            f"({working / 1e9:.2f} GB)",
-            key="execution.memory_budget",
-        )
-    resident = weights_bytes + cache_bytes <= budget if spec.weights == "auto" else spec.weights == "resident"
-    on_device = (weights_bytes if resident else working) + cache_bytes <= budget
-    cache: CachePlace
-    if spec.stream_cache != "auto":
-        cache = spec.stream_cache  # type: ignore[assignment]
-    elif on_device:
-        cache = "device"
-    elif device.type == "cuda" and cache_bytes <= memory_budget(ExecutionSpec(device="cpu"), _cpu()):
-        cache = "host"
-    else:
-        cache = "disk"
-    if device.type == "cpu" and cache == "host":
-        cache = "device"  # on the CPU, host memory is the device
-    return Placement(str(device), budget, resident, cache, cache_dir, weights_bytes, cache_bytes, working)
-
-
-def _cpu():
-    import torch
-
-    return torch.device("cpu")

@@ -12,7 +12,6 @@ with the same adapter function the checkpoint writer uses, so what runs is what 
 from __future__ import annotations
 
 import ctypes
-import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -79,12 +78,15 @@ class LayerwiseModel:
         *,
         resident: bool,
         attn_implementation: str | None = None,
+        logits_chunk: int = 256,
     ):
         from accelerate import init_empty_weights
         from transformers import AutoModelForCausalLM
 
         self.source, self.config, self.adapter = source, config, adapter
         self.device, self.dtype, self.resident = device, dtype, resident
+        #: tokens the head is applied to at a time (its output never exists for a whole batch)
+        self.logits_chunk = logits_chunk
         with init_empty_weights(include_buffers=False):
             self.skeleton = AutoModelForCausalLM.from_config(
                 config, dtype=dtype, attn_implementation=attn_implementation
@@ -102,7 +104,15 @@ class LayerwiseModel:
         # else, before anything runs (headers only): a missing layer must never run as random weights.
         check_source(source, config, adapter, dense_variant(self.num_layers), self.tied)
         if resident:
-            self._resident = self._read(self.source.keys())
+            self._resident = self._read_files(self.source.keys())
+
+    def release(self) -> None:
+        """Give back every weight this process holds (resident tensors, materialised modules, CUDA's
+        cached blocks), before a child process needs the memory; a later use reads them again."""
+        self._resident, self._loaded = {}, {}
+        _release(self.skeleton)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     # -- reading --------------------------------------------------------------------------------
     def layer_keys(self, index: int) -> list[str]:
@@ -110,8 +120,13 @@ class LayerwiseModel:
         return [k for k in self.source if k.startswith(prefix)]
 
     def _read(self, keys: list[str]) -> dict[str, torch.Tensor]:
-        if self._resident:
+        if self.resident:
+            if not self._resident:  # released: read every tensor again
+                self._resident = self._read_files(self.source.keys())
             return {k: self._resident[k] for k in keys}
+        return self._read_files(keys)
+
+    def _read_files(self, keys: list[str]) -> dict[str, torch.Tensor]:
         tensors = self.source.tensors(keys, self.device)
         out = {}
         for key, tensor in tensors.items():
@@ -225,15 +240,3 @@ class LayerwiseModel:
             if not self.resident:
                 _release(embedding)
         return first[0], recorded
-
-
-def slice_bytes(source: SafetensorsCheckpoint, adapter: Adapter, dtype: torch.dtype) -> tuple[int, int]:
-    """Bytes of all the weights in ``dtype``, and of the largest slice that is ever resident alone
-    (one decoder layer, or the embedding, final norm and head together), from the headers alone."""
-    size = torch.empty((), dtype=dtype).element_size()
-    per_slice: dict[str, int] = {}
-    for key, (_dtype, shape) in source.headers().items():
-        layer = adapter.split_layer_key(key)
-        name = f"layer {layer[0]}" if layer is not None else "outside the layers"
-        per_slice[name] = per_slice.get(name, 0) + size * math.prod(shape)
-    return sum(per_slice.values()), max(per_slice.values())

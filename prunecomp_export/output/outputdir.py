@@ -24,14 +24,15 @@ import os
 import re
 import secrets
 import shutil
-import signal
-import threading
+import stat
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from types import FrameType
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 from prunecomp_export.errors import RecipeError
+
+if TYPE_CHECKING:
+    from prunecomp_export.recipe import Recipe
 
 MANIFEST = "prunecomp_manifest.json"
 #: OSErrors that mean "the output cannot be written": reported in one line, not a traceback
@@ -84,26 +85,69 @@ def check_output_dir(out: Path, *, overwrite: bool, protected: Sequence[Path] = 
         _refuse(f"cannot create {final}: {ancestor} is not writable")
 
 
+def recipe_output(recipe: Recipe, *, require_weights: bool = True) -> Path:
+    """The output directory a recipe asks for, checked by ``check_output_dir`` against the working
+    directory and the model source (located without reading it): the cheap checks a run makes before
+    it takes the output's lock, so that a refused ``output.dir`` never gets a lock file, and again
+    under the lock. ``require_weights=False``: the source may be a config.json alone (a dry run that
+    plans for another machine)."""
+    from prunecomp_export.source.loading import resolve_source
+
+    source = resolve_source(recipe.model, require_weights=require_weights)
+    protected = [Path(source.location), *source.files] if source.local else []
+    output = Path(recipe.output.dir)
+    check_output_dir(output, overwrite=recipe.output.overwrite, protected=protected)
+    return output
+
+
 class OutputLock:
     """An exclusive, non-blocking ``flock`` on ``<parent>/.<name>.lock``: a second run on the same
     output fails at once, naming the first run's pid. The kernel drops the lock when its process
     dies, so a killed run leaves at most a stale file that the next run reuses. Released (and the
-    file removed) on exit."""
+    file removed) on exit, with the parent directories it had to create when they are still empty.
+    The lock path is never followed when it is a symbolic link (a planted link, dangling or not,
+    would make the tool create or truncate a file outside the output): that is refused. The object that
+    holds the lock may enter it again (the CLI takes it before handing it to ``pipeline.run``); any
+    other ``OutputLock``, in this process or another, is refused."""
 
     def __init__(self, out: Path):
         self.out = Path(out).resolve()
         self.path = self.out.parent / f".{self.out.name}.lock"
         self._fd: int | None = None
+        self._created: list[Path] = []
+        self._entered = 0
 
     def __enter__(self) -> OutputLock:
+        if self._fd is not None:
+            self._entered += 1
+            return self
+        missing = [p for p in (self.path.parent, *self.path.parent.parents) if not os.path.lexists(p)]
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._created = missing  # deepest first
+        try:
+            self._take()
+        except BaseException:
+            self._remove_created()
+            raise
+        return self
+
+    def _take(self) -> None:
         while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
             try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
+            except OSError as exc:
+                if exc.errno == errno.ELOOP:
+                    _refuse(f"{self.path} is a symbolic link: not following it (remove it if no run uses {self.out})")
+                if exc.errno == errno.EISDIR:
+                    _refuse(f"{self.path} is a directory, not a lock file: remove it")
+                raise
+            try:
+                if not stat.S_ISREG(os.fstat(fd).st_mode):
+                    _refuse(f"{self.path} is not a regular file, not a lock file: remove it")
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 # the previous holder may have removed the file between our open and flock: then we
                 # hold a lock on a file nobody else sees, so take the new file's instead
-                current = os.stat(self.path)
+                current = os.lstat(self.path)
                 if (current.st_dev, current.st_ino) == (os.fstat(fd).st_dev, os.fstat(fd).st_ino):
                     break
             except BlockingIOError:
@@ -122,17 +166,29 @@ class OutputLock:
             os.ftruncate(fd, 0)
             os.write(fd, f"{os.getpid()}\n".encode())
         except BaseException:
-            self.__exit__()
+            self._release()
             raise
-        return self
 
-    def __exit__(self, *exc_info: object) -> None:
+    def _release(self) -> None:
         if self._fd is None:
             return
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()  # before unlocking: a waiter that opened this file retries on the new one
         os.close(self._fd)
         self._fd = None
+
+    def _remove_created(self) -> None:
+        for directory in self._created:  # deepest first; one that holds something stays
+            with contextlib.suppress(OSError):
+                directory.rmdir()
+        self._created = []
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._entered:
+            self._entered -= 1
+            return
+        self._release()
+        self._remove_created()
 
 
 def _alive(pid: int) -> bool:
@@ -211,7 +267,7 @@ def _install(staging: Path, final: Path, *, overwrite: bool) -> None:
 @contextlib.contextmanager
 def staged_output(final: Path, *, overwrite: bool) -> Iterator[Path]:
     """Yield a fresh staging directory next to ``final`` (``.<name>.tmp-<pid>-<hex>``), after removing
-    dead runs' stale ones. If the block raises anything (Ctrl-C and, under ``handle_sigterm``, SIGTERM
+    dead runs' stale ones. If the block raises anything (Ctrl-C and, under ``child.interrupting_signals``, SIGTERM
     included) the staging directory is removed and ``final`` is untouched; if it succeeds, the staging
     directory becomes ``final`` atomically (see ``_install``)."""
     final = Path(final).resolve()
@@ -254,24 +310,6 @@ def staged_update(final: Path, *, linked: Sequence[str] = ("checkpoint", "target
             else:
                 shutil.copy2(item, stage / item.name, follow_symlinks=False)
         yield stage
-
-
-@contextlib.contextmanager
-def handle_sigterm() -> Iterator[None]:
-    """While active, SIGTERM raises ``KeyboardInterrupt`` in the main thread, so staging cleanup runs
-    as on Ctrl-C; the previous handler is restored on exit. A no-op outside the main thread."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def interrupt(signum: int, frame: FrameType | None) -> Any:
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
 def is_output_path(path: str | os.PathLike[str], out: Path) -> bool:

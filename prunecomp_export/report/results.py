@@ -177,6 +177,40 @@ class TargetParity(_Strict):
     checks: list[ParityCheck] = Field(min_length=1)
 
 
+class PlannedMachine(_Strict):
+    device: str
+    device_free_bytes: int | None
+    host_available_bytes: int
+    device_total_bytes: int | None
+
+
+class PlannedStage(_Strict):
+    """One stage of the memory plan: its planned peak on the device (None on CPU) and in host memory,
+    beyond each process's own overhead, and how it gets there."""
+
+    stage: str
+    process: str
+    device_bytes: int | None
+    host_bytes: int
+    how: str
+    fits: bool
+    #: accelerate's max_memory for a child that loads the checkpoint
+    max_memory: dict[str, int] | None
+
+
+class MemoryPlanRecord(_Strict):
+    """The memory plan the run was made with (``memory.py``), computed before any weight was read."""
+
+    machine: PlannedMachine
+    device_budget_bytes: int
+    host_budget_bytes: int
+    weights_bytes: int
+    slice_bytes: int
+    logits_chunk_tokens: int
+    process_overhead_bytes: int
+    stages: list[PlannedStage]
+
+
 class RunResults(_Strict):
     model_config = ConfigDict(
         extra="forbid",
@@ -200,6 +234,8 @@ class RunResults(_Strict):
     bench: dict[str, Any] | None
     signoff: Signoff
     execution: Execution
+    #: the memory plan of every stage; None in an output of an older prunecomp-export
+    memory_plan: MemoryPlanRecord | None
     #: the deployment targets built (run or ``export``), each with its parity figures; empty when none
     targets: list[TargetParity]
     costs: list[StageCost]
@@ -224,12 +260,21 @@ def deployed_targets(records: dict[str, dict]) -> list[TargetParity]:
 def read_results(path: Path) -> RunResults:
     """An output's results.json. One of an older schema reads as this one where this one only added
     fields an older output can lack: schema 4 added ``targets``, filled by whoever rewrites the file;
-    schema 5 the held-back compensation checks, the judged shortlists, the dense-relative divergence
-    rows and the accuracy intervals, all optional."""
+    schema 5 lists each stage's child processes (an older file's one child peak becomes one entry), the
+    memory plan (none in an older file), the held-back compensation checks, the judged shortlists, the
+    dense-relative divergence rows and the accuracy intervals (all optional)."""
     raw = json.loads(path.read_text())
     if isinstance(raw, dict) and raw.get("schema") in OLDER_SCHEMAS:
-        raw = {**raw, "schema": SCHEMA, "targets": raw.get("targets", [])}
+        raw = {**raw, "schema": SCHEMA, "targets": raw.get("targets", []), "memory_plan": raw.get("memory_plan")}
+        raw["costs"] = [_older_cost(cost) for cost in raw.get("costs", [])]
     return RunResults.model_validate(raw)
+
+
+def _older_cost(cost: Any) -> Any:
+    if not isinstance(cost, dict) or cost.get("child_peak_rss_bytes") is None:
+        return cost
+    child = {"name": "child process", "wall_s": cost.get("wall_s", 0.0), "peak_rss_bytes": cost["child_peak_rss_bytes"]}
+    return {**{k: v for k, v in cost.items() if k != "child_peak_rss_bytes"}, "children": [child]}
 
 
 def schema_text() -> str:

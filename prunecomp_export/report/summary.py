@@ -9,8 +9,16 @@ from rich.markup import escape
 from rich.table import Table
 
 from prunecomp_export.pipeline import DryRunResult, RunResult
-from prunecomp_export.report.render import compensation_text, cost_table, execution_line, summary_table, target_line
-from prunecomp_export.report.results import RunResults
+from prunecomp_export.report.render import (
+    compensation_text,
+    cost_table,
+    execution_line,
+    plan_line,
+    plan_table,
+    summary_table,
+    target_line,
+)
+from prunecomp_export.report.results import MemoryPlanRecord, RunResults
 
 
 def print_dry_run(result: DryRunResult, console: Console) -> None:
@@ -31,6 +39,20 @@ def print_dry_run(result: DryRunResult, console: Console) -> None:
     table.add_row("compensation fold", plan.fold_form or "none" + (" (untied first)" if plan.untie else ""))
     table.add_row("targets", ", ".join(result.targets))
     console.print(table)
+    print_memory_plan(MemoryPlanRecord.model_validate(result.memory.to_json()), console)
+    for warning in result.memory.warnings():
+        console.print(f"warning: {warning}")
+
+
+def print_memory_plan(plan: MemoryPlanRecord, console: Console) -> None:
+    header, rows = plan_table(plan)
+    table = Table(title=f"memory plan ({plan.machine.device})")
+    for column in header:
+        table.add_column(column, justify="left" if column in ("stage", "process", "how") else "right")
+    for row in rows:
+        table.add_row(*row)
+    console.print(table)
+    console.print(plan_line(plan))
 
 
 def print_run(result: RunResult, console: Console) -> None:

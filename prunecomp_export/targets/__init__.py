@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -55,14 +54,14 @@ def validated_options(name: str, raw: dict) -> Any:
     from pydantic import ValidationError
 
     from prunecomp_export.errors import RecipeError
+    from prunecomp_export.validation import first_error
 
     module = load_target(name)
     try:
         options = module.Options.model_validate(raw)
     except ValidationError as exc:
-        err = exc.errors()[0]
-        key = ".".join(["targets", name, *map(str, err["loc"])])
-        raise RecipeError(err["msg"], key=key) from None
+        key, message = first_error(exc, module.Options)
+        raise RecipeError(message, key=".".join(filter(None, ("targets", name, key)))) from None
     if (check := getattr(module, "preflight", None)) is not None:
         check(options)
     return options
@@ -83,31 +82,26 @@ def target_parity(records: dict[str, dict]) -> list[dict]:
     return parity
 
 
-@dataclass
-class TargetBuilds:
-    """What building targets gave: each target's record (for the manifest) and its child's peak RSS."""
-
-    records: dict[str, dict] = field(default_factory=dict)
-    peak_rss_bytes: dict[str, int] = field(default_factory=dict)
-
-
-def build_targets(options: dict[str, Any], checkpoint: Path, output: Path, log: Callable[[str], None]) -> TargetBuilds:
+def build_targets(
+    options: dict[str, Any], checkpoint: Path, output: Path, log: Callable[[str], None]
+) -> dict[str, dict]:
     """Build each target but ``hf`` (the checkpoint itself) from ``checkpoint`` into
     ``output/targets/<name>`` (which must not exist), each in a child process of its own: the
-    pipeline's targets stage and ``prunecomp-export export`` alike."""
-    from prunecomp_export.child import run_in_child
+    pipeline's targets stage and ``prunecomp-export export`` alike. Each target's record, by name."""
+    from prunecomp_export.child import ChildRequest, run_child
 
-    builds = TargetBuilds()
+    records = {}
     for name, chosen in options.items():
         if name == "hf":
             continue
         log(f"stage targets: {name}")
         out_dir = output / "targets" / name
         out_dir.mkdir(parents=True)
-        child = run_in_child(
-            "prunecomp_export.targets:build_target",
-            {"name": name, "checkpoint": str(checkpoint), "out_dir": str(out_dir), "options": chosen.model_dump()},
-        )
-        builds.records[name] = child.value
-        builds.peak_rss_bytes[name] = child.peak_rss_bytes
-    return builds
+        request = ChildRequest(
+            name=f"{name} target",
+            target="prunecomp_export.targets:build_target",
+            kwargs={"name": name, "checkpoint": str(checkpoint), "out_dir": str(out_dir),
+                    "options": chosen.model_dump()},
+        )  # fmt: skip
+        records[name] = run_child(request).value
+    return records

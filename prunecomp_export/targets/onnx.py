@@ -39,6 +39,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from prunecomp_export.errors import ModelError, TargetUnavailable, ValidationFailed
+from prunecomp_export.validation import FiniteFloat
 
 ONNX_FILE = "model.onnx"
 INSTALL_HINT = "pip install 'onnx>=1.23' 'onnxscript>=0.7' 'onnxruntime>=1.32'"
@@ -58,7 +59,7 @@ class ParityOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     opset: int = Field(20, ge=18, le=23, description="ONNX opset of the exported graph (dynamo exporter: 18+).")
-    tolerance: float | None = Field(
+    tolerance: FiniteFloat | None = Field(
         None, gt=0, description="Max abs logit difference vs the fp32 HF model; default per precision."
     )
     prompts: list[str] = Field(

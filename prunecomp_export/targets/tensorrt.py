@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from prunecomp_export.errors import ModelError, TargetUnavailable, ValidationFailed
 from prunecomp_export.targets.onnx import ParityOptions, logit_checks
+from prunecomp_export.validation import FiniteFloat
 
 ENGINE_FILE = "model.plan"
 INSTALL_HINT = "pip install tensorrt (and onnx, onnxscript), on a machine with an NVIDIA GPU and CUDA driver"
@@ -54,7 +55,7 @@ class Options(ParityOptions):
     """Recipe options of the ``tensorrt`` target."""
 
     precision: Literal["fp16", "bf16"] = Field("fp16", description="Precision of the exported graph/engine.")
-    workspace_gb: float = Field(4.0, gt=0, description="Builder workspace memory pool limit, GiB.")
+    workspace_gb: FiniteFloat = Field(4.0, gt=0, description="Builder workspace memory pool limit, GiB.")
     batch: Range = Field(
         default_factory=lambda: Range(min=1, opt=1, max=8), description="Batch size range of the profile."
     )

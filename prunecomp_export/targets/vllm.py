@@ -33,17 +33,18 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Collection, Iterator, Sequence
 from pathlib import Path
-from typing import IO, Any, Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from prunecomp_export.child import ChildRequest, Spawned, log_path_for, run_child, spawned
 from prunecomp_export.errors import PrunecompError, TargetUnavailable, ValidationFailed
+from prunecomp_export.validation import FiniteFloat, check_host
 
 PYTHON_ENV = "PRUNECOMP_VLLM_PYTHON"
 SERVER_MODULE = "vllm.entrypoints.openai.api_server"
@@ -56,8 +57,11 @@ INSTALL_HINT = (
     "&& pip uninstall -y torchvision torchaudio torchcodec; on a CUDA machine: pip install vllm; "
     f"or point {PYTHON_ENV} at a python that has vllm"
 )
-# Seconds to wait after SIGINT, then after SIGTERM, before SIGKILL of the server's process group.
-SHUTDOWN_GRACE = (30.0, 15.0)
+#: how the server is stopped: SIGINT (what a terminal's Ctrl-C sends), then SIGTERM, each with its
+#: grace in seconds, then SIGKILL of its whole process group
+SERVER_STOP = ((signal.SIGINT, 30.0), (signal.SIGTERM, 15.0))
+#: ``serve``'s exit code when Ctrl-C or SIGTERM stopped the server
+INTERRUPTED = 130
 LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
 WILDCARD_HOSTS = {"0.0.0.0", "::", ""}
 TORCH_DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
@@ -89,16 +93,19 @@ class Options(BaseModel):
     max_model_len: int | None = Field(
         None, ge=16, description="vLLM --max-model-len; default: the model's max_position_embeddings."
     )
-    kv_cache_gib: float | None = Field(
+    kv_cache_gib: FiniteFloat | None = Field(
         1.0,
         gt=0,
-        description="KV cache size (--kv-cache-memory-bytes). None: vLLM sizes it from "
+        description="KV cache size in GiB (--kv-cache-memory-bytes). null: vLLM sizes it from "
         "--gpu-memory-utilization, which on CPU reserves 92% of the machine's RAM.",
     )
     enforce_eager: bool = Field(
         True, description="--enforce-eager: no torch.compile (minutes of start-up on CPU, needs a compiler)."
     )
-    host: str = Field("127.0.0.1", description="Server bind address; loopback unless you mean to expose it.")
+    host: str = Field(
+        "127.0.0.1",
+        description="Server bind address (an IP address or a host name); loopback unless you mean to expose it.",
+    )
     port: int = Field(0, ge=0, le=65535, description="Server port; 0: any free one (serve.sh: 8000).")
     tensor_parallel_size: int = Field(1, ge=1, description="vLLM --tensor-parallel-size.")
     pipeline_parallel_size: int = Field(1, ge=1, description="vLLM --pipeline-parallel-size.")
@@ -112,8 +119,13 @@ class Options(BaseModel):
     python: str | None = Field(
         None, description=f"Interpreter that has vllm; default: ${PYTHON_ENV}, else this interpreter."
     )
-    startup_timeout_s: float = Field(900.0, gt=0, description="Longest wait for the server's /health.")
-    check_timeout_s: float = Field(1800.0, gt=0, description="Longest run of the offline vLLM check.")
+    startup_timeout_s: FiniteFloat = Field(900.0, gt=0, description="Longest wait for the server's /health.")
+    check_timeout_s: FiniteFloat = Field(1800.0, gt=0, description="Longest run of the offline vLLM check.")
+
+    @field_validator("host")
+    @classmethod
+    def _bind_address(cls, host: str) -> str:
+        return check_host(host)
 
     @field_validator("env")
     @classmethod
@@ -178,59 +190,6 @@ def vllm_env(options: Options) -> dict[str, str]:
         env.setdefault("VLLM_HOST_IP", "127.0.0.1")
     env.update(options.env)
     return env
-
-
-def package_root_for_child() -> str:
-    """A directory holding only a link to this package, for a child's sys.path.
-
-    Putting the real parent (site-packages, for an installed prunecomp-export) on another
-    virtualenv's path would shadow that venv's torch and transformers.
-    """
-    package_dir = Path(__file__).resolve().parent.parent
-    root = Path(tempfile.mkdtemp(prefix="prunecomp-vllm-path-"))
-    (root / package_dir.name).symlink_to(package_dir, target_is_directory=True)
-    return str(root)
-
-
-# --------------------------------------------------------------------------------------------
-# child processes
-
-
-def _start(cmd: Sequence[str], env: dict[str, str], log: IO[bytes] | None) -> subprocess.Popen[bytes]:
-    """Start ``cmd`` in a session of its own, so the whole vLLM process tree can be signalled."""
-    return subprocess.Popen(
-        list(cmd),
-        env=env,
-        stdin=subprocess.DEVNULL,
-        stdout=log,
-        stderr=subprocess.STDOUT if log is not None else None,
-        start_new_session=True,
-    )
-
-
-def _signal_group(proc: subprocess.Popen[bytes], sig: int) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, sig)
-
-
-def stop_process(proc: subprocess.Popen[bytes], grace: tuple[float, float] = SHUTDOWN_GRACE) -> int:
-    """Stop a vLLM process tree like Ctrl-C in a terminal would, then harder; return its exit code.
-
-    SIGINT goes to the whole group (what a terminal does), which lets vLLM shut its engine down
-    cleanly; SIGTERM and then SIGKILL follow after ``grace`` seconds each. Stragglers in the group
-    are killed at the end either way.
-    """
-    for sig, wait_s in ((signal.SIGINT, grace[0]), (signal.SIGTERM, grace[1])):
-        if proc.poll() is not None:
-            break
-        _signal_group(proc, sig)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=wait_s)
-    if proc.poll() is None:
-        _signal_group(proc, signal.SIGKILL)
-    code = proc.wait()
-    _signal_group(proc, signal.SIGKILL)
-    return code
 
 
 def _tail(path: Path, lines: int = 3) -> str:
@@ -310,13 +269,7 @@ def base_url(host: str, port: int) -> str:
     return f"http://{host}:{port}"
 
 
-def wait_healthy(
-    proc: subprocess.Popen[bytes],
-    url: str,
-    timeout_s: float,
-    *,
-    log_path: Path | None = None,
-) -> None:
+def wait_healthy(proc: subprocess.Popen, url: str, timeout_s: float, *, log_path: Path | None = None) -> None:
     """Poll ``url/health`` until it answers 200; ServerFailed if the server exits or time runs out."""
     deadline = time.monotonic() + timeout_s
     while True:
@@ -340,87 +293,54 @@ def _log_note(log_path: Path | None) -> str:
     return f" (log {log_path}: {_tail(log_path)})" if log_path else ""
 
 
-def launch_server(
-    checkpoint: Path, options: Options, *, log: IO[bytes] | None = None
-) -> tuple[subprocess.Popen[bytes], str]:
-    """Start the server (not yet ready) and return it with its base URL."""
+@contextlib.contextmanager
+def _server(checkpoint: Path, options: Options, log_path: Path | None) -> Iterator[tuple[Spawned, str]]:
+    """The server process (not yet ready) and its base URL, stopped like Ctrl-C in a terminal would
+    (SIGINT lets vLLM shut its engine down cleanly), then harder, when the block ends."""
     python = resolve_python(options)
     require_vllm(python)
     port = options.port or free_port(options.host)
     cmd = server_command(checkpoint, options, port=port, python=python)
-    return _start(cmd, vllm_env(options), log), base_url(options.host, port)
+    with spawned("vLLM server", cmd, vllm_env(options), log_path=log_path, stop_signals=SERVER_STOP) as server:
+        yield server, base_url(options.host, port)
 
 
 @contextlib.contextmanager
 def running_server(checkpoint: Path, options: Options | None = None) -> Iterator[str]:
     """A healthy vLLM server for the checkpoint, as its base URL; always stopped on exit.
 
-    The server's output goes to a temporary log, kept (and named in the error) only when the server
-    fails to start.
-    """
+    The server's output goes to a log in the logs directory, kept (and named in the error) only
+    when the server fails to start."""
     options = options or Options()
-    with tempfile.NamedTemporaryFile(prefix="prunecomp-vllm-server-", suffix=".log", delete=False) as log:
-        log_path = Path(log.name)
-        try:
-            proc, url = launch_server(Path(checkpoint), options, log=log)
-        except BaseException:
-            log_path.unlink(missing_ok=True)
-            raise
-    keep_log = False
+    log_path = log_path_for("vllm-server")
     try:
-        try:
-            wait_healthy(proc, url, options.startup_timeout_s, log_path=log_path)
-        except ServerFailed:
-            keep_log = True
-            raise
-        yield url
-    finally:
-        stop_process(proc)
-        if not keep_log:
-            log_path.unlink(missing_ok=True)
-
-
-class _Terminated(Exception):
-    """SIGTERM turned into an exception, so ``serve`` stops the server before it exits."""
-
-
-@contextlib.contextmanager
-def _sigterm_raises() -> Iterator[None]:
-    if not _in_main_thread():
-        yield
-        return
-
-    def handler(signum: int, frame: Any) -> None:
-        raise _Terminated
-
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-def _in_main_thread() -> bool:
-    return threading.current_thread() is threading.main_thread()
+        with _server(Path(checkpoint), options, log_path) as (server, url):
+            wait_healthy(server.proc, url, options.startup_timeout_s, log_path=log_path)
+            yield url
+    except ServerFailed:
+        raise
+    except BaseException:
+        log_path.unlink(missing_ok=True)
+        raise
+    log_path.unlink(missing_ok=True)
 
 
 def serve(checkpoint: Path, options: Options, *, on_ready: Callable[[str], None] | None = None) -> int:
-    """Run the OpenAI-compatible server in the foreground until it exits or Ctrl-C; return its code.
+    """Run the OpenAI-compatible server in the foreground until it exits or is interrupted; its exit
+    code, or 130 when Ctrl-C or SIGTERM (under ``child.interrupting_signals``) stopped it, which is a
+    normal stop, during start-up too.
 
     The server's output goes to this terminal. ``on_ready(url)`` is called once ``/health`` answers
-    (default: print the URL). On Ctrl-C or SIGTERM the server is stopped (SIGINT, SIGTERM, SIGKILL).
-    """
+    (default: print the URL)."""
     report = on_ready or (lambda url: print(f"vLLM is serving {checkpoint} at {url}/v1", flush=True))
-    with _sigterm_raises():
-        proc, url = launch_server(Path(checkpoint), options)
+    with _server(Path(checkpoint), options, None) as (server, url):
         try:
-            wait_healthy(proc, url, options.startup_timeout_s)
+            wait_healthy(server.proc, url, options.startup_timeout_s)
             report(url)
-            return proc.wait()
-        except (KeyboardInterrupt, _Terminated):
-            return stop_process(proc)
-        finally:
-            stop_process(proc)  # no-op for an exited server, but kills its leftover processes
+            return server.proc.wait()
+        except KeyboardInterrupt:
+            server.stop(SERVER_STOP)
+            return INTERRUPTED
 
 
 def serve_script(checkpoint: Path, options: Options, *, python: str, directory: Path) -> str:
@@ -605,111 +525,73 @@ def _greedy_detail(record: dict[str, Any]) -> str:
     return "; ".join(parts)
 
 
-def _worker_main(request_path: str) -> int:
-    """Child-process entry: run vLLM offline on token-id prompts; write a JSON result, never raise."""
-    request = json.loads(Path(request_path).read_text())
-    result: dict[str, Any] = {"stage": "import"}
-    out_path = Path(request["result_path"])
+def vllm_greedy(
+    checkpoint: str,
+    prompts: list[str],
+    reference_prompt_ids: list[list[int]],
+    max_new_tokens: int,
+    engine: dict[str, Any],
+) -> dict[str, Any]:
+    """In vLLM's interpreter (a child process): greedy continuations of the reference's prompt ids with
+    ``LLM.generate``, how vLLM's own tokenizer encodes the prompts, and the timings."""
     try:
         import vllm
         from vllm import LLM, SamplingParams
+    except ImportError as exc:
+        raise TargetUnavailable(f"the vllm target: importing vllm failed ({exc}); {INSTALL_HINT}") from None
+    started = time.perf_counter()
+    llm = LLM(model=checkpoint, **engine)
+    engine_start_s = time.perf_counter() - started
+    tokenizer = llm.get_tokenizer()
+    params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens)
+    started = time.perf_counter()
+    outputs = llm.generate([{"prompt_token_ids": ids} for ids in reference_prompt_ids], params, use_tqdm=False)
+    return {
+        "vllm_version": vllm.__version__,
+        "prompt_ids": [list(tokenizer.encode(p)) for p in prompts],
+        "new_ids": [list(o.outputs[0].token_ids) for o in outputs],
+        "texts": [o.outputs[0].text for o in outputs],
+        "engine_start_s": engine_start_s,
+        "generate_s": time.perf_counter() - started,
+    }
 
-        result.update(stage="engine", vllm_version=vllm.__version__)
-        started = time.perf_counter()
-        kwargs: dict[str, Any] = dict(
-            model=request["checkpoint"],
-            dtype=request["dtype"],
-            enforce_eager=request["enforce_eager"],
-            tensor_parallel_size=request["tensor_parallel_size"],
-            pipeline_parallel_size=request["pipeline_parallel_size"],
-        )
-        if request["max_model_len"] is not None:
-            kwargs["max_model_len"] = request["max_model_len"]
-        if request["kv_cache_bytes"] is not None:
-            kwargs["kv_cache_memory_bytes"] = request["kv_cache_bytes"]
-        llm = LLM(**kwargs)
-        result["engine_start_s"] = time.perf_counter() - started
 
-        result["stage"] = "generate"
-        tokenizer = llm.get_tokenizer()
-        result["prompt_ids"] = [list(tokenizer.encode(p)) for p in request["prompts"]]
-        params = SamplingParams(temperature=0.0, max_tokens=request["max_new_tokens"])
-        started = time.perf_counter()
-        outputs = llm.generate(
-            [{"prompt_token_ids": ids} for ids in request["reference_prompt_ids"]], params, use_tqdm=False
-        )
-        result["generate_s"] = time.perf_counter() - started
-        result["new_ids"] = [list(o.outputs[0].token_ids) for o in outputs]
-        result["texts"] = [o.outputs[0].text for o in outputs]
-        result["stage"] = "done"
-    except BaseException as exc:  # reported to the parent, which decides what it means
-        result["error"] = f"{type(exc).__name__}: {exc}"
-    out_path.write_text(json.dumps(result))
-    sys.stdout.flush()
-    return 0 if result["stage"] == "done" else 1
+def engine_args(options: Options) -> dict[str, Any]:
+    """``vllm.LLM`` keyword arguments from the target's options (the server's flags, for the API)."""
+    engine: dict[str, Any] = {
+        "dtype": options.dtype,
+        "enforce_eager": options.enforce_eager,
+        "tensor_parallel_size": options.tensor_parallel_size,
+        "pipeline_parallel_size": options.pipeline_parallel_size,
+    }
+    if options.max_model_len is not None:
+        engine["max_model_len"] = options.max_model_len
+    if options.kv_cache_gib is not None:
+        engine["kv_cache_memory_bytes"] = int(options.kv_cache_gib * 2**30)
+    return engine
 
 
 def run_vllm_offline(
     checkpoint: Path, options: Options, reference_prompt_ids: list[list[int]], log_path: Path, *, python: str
 ) -> dict[str, Any]:
-    """Run ``_worker_main`` in ``python`` (a fresh process tree); its result dict, or an error."""
-    with tempfile.TemporaryDirectory(prefix="prunecomp-vllm-") as tmp:
-        request = {
+    """``vllm_greedy`` in ``python``, a fresh process tree whose output goes to ``log_path``."""
+    started = time.perf_counter()
+    request = ChildRequest(
+        name="vLLM check",
+        target="prunecomp_export.targets.vllm:vllm_greedy",
+        kwargs={
             "checkpoint": str(checkpoint),
             "prompts": list(options.prompts),
             "reference_prompt_ids": reference_prompt_ids,
             "max_new_tokens": options.max_new_tokens,
-            "dtype": options.dtype,
-            "max_model_len": options.max_model_len,
-            "kv_cache_bytes": int(options.kv_cache_gib * 2**30) if options.kv_cache_gib else None,
-            "enforce_eager": options.enforce_eager,
-            "tensor_parallel_size": options.tensor_parallel_size,
-            "pipeline_parallel_size": options.pipeline_parallel_size,
-            "result_path": str(Path(tmp) / "result.json"),
-        }
-        request_path = Path(tmp) / "request.json"
-        request_path.write_text(json.dumps(request))
-        path_root = package_root_for_child()
-        # -c, not a script: vLLM's spawned children then have no main module to re-import.
-        bootstrap = (
-            f"import sys; sys.path.insert(0, {path_root!r}); "
-            "from prunecomp_export.targets.vllm import _worker_main; sys.exit(_worker_main(sys.argv[1]))"
-        )
-        started = time.perf_counter()
-        try:
-            with log_path.open("wb") as log:
-                proc = _start([python, "-c", bootstrap, str(request_path)], vllm_env(options), log)
-                try:
-                    proc.wait(timeout=options.check_timeout_s)
-                except subprocess.TimeoutExpired:
-                    stop_process(proc, grace=(5.0, 5.0))
-                    raise ValidationFailed(
-                        f"vllm: the offline check took over {options.check_timeout_s:.0f} s (log: {log_path})"
-                    ) from None
-                except BaseException:
-                    stop_process(proc, grace=(5.0, 5.0))
-                    raise
-                # The engine's own processes are in the same group; make sure none is left.
-                _signal_group(proc, signal.SIGKILL)
-        finally:
-            shutil.rmtree(path_root, ignore_errors=True)
-        result_path = Path(request["result_path"])
-        if not result_path.is_file():
-            raise ValidationFailed(
-                f"vllm: the check process exited with code {proc.returncode} and no result "
-                f"(log: {log_path}: {_tail(log_path)})"
-            )
-        result = json.loads(result_path.read_text())
-    result["process_s"] = time.perf_counter() - started
-    if result["stage"] == "import":
-        error = result.get("error")
-        raise TargetUnavailable(f"the vllm target: importing vllm failed ({error}); {INSTALL_HINT}")
-    if result["stage"] != "done":
-        raise ValidationFailed(
-            f"vllm could not {'load' if result['stage'] == 'engine' else 'run'} the checkpoint: "
-            f"{result.get('error')} (log: {log_path})"
-        )
-    return result
+            "engine": engine_args(options),
+        },
+        python=python,
+        env=vllm_env(options),
+        timeout_s=options.check_timeout_s,
+        log_file=str(log_path),
+    )
+    return {**run_child(request).value, "process_s": time.perf_counter() - started}
 
 
 def preflight(options: Options) -> None:
