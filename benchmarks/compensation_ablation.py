@@ -14,9 +14,14 @@ articles), with the streamed engine the CLI runs:
 QA accuracy kept (lm-eval on the demo's offline tasks, a checkpoint written per row) with ``--qa``.
 Each row is printed as a JSON line when measured; the table at the end.
 
+A compensation named ``NAME/unchecked`` is fitted on every calibration batch and folded as it is
+(``prune.judge_batches: 0``); ``NAME`` alone has the recipe's held-back check. ``--source`` runs the
+same protocol on another model (e.g. a Qwen2 GGUF), ``--eval-windows`` and ``--corpora`` shrink the
+held-out evaluation for a model that is slow on this machine.
+
     python benchmarks/compensation_ablation.py [--points 6 9] [--parts layers ridge selection] [--qa]
-        [--compensations none magnitude fitted linear] [--pipelines METRIC:COMPENSATION ...]
-        [--calibration-samples N] [--json out.json]
+        [--compensations none magnitude magnitude/unchecked fitted linear] [--pipelines METRIC:COMPENSATION ...]
+        [--calibration-samples N] [--source MODEL] [--eval-windows N] [--corpora NAME ...] [--json out.json]
 """
 
 from __future__ import annotations
@@ -70,10 +75,17 @@ class Setup:
     tied: bool
 
 
-def setup(scratch: Path, qa: bool, samples: int | None) -> Setup:
+def setup(scratch: Path, qa: bool, samples: int | None, source: str | None = None, windows: int | None = None,
+          corpora: list[str] | None = None) -> Setup:  # fmt: skip
     overrides = [("execution.memory_budget", None)]
     if samples is not None:
         overrides.append(("calibration.num_samples", samples))
+    if source is not None:
+        overrides.append(("model.source", source))
+    if windows is not None:
+        overrides.append(("evaluation.perplexity.max_windows", windows))
+    if corpora is not None:
+        overrides.append(("evaluation.perplexity.corpora", corpora))
     recipe = load_recipe(DEMO, overrides)
     if not qa:
         recipe = replace_qa(recipe)
@@ -97,6 +109,9 @@ def replace_qa(recipe):
 
 
 def plan_for(s: Setup, **prune) -> Plan:
+    compensation = prune.get("compensation", "")
+    if compensation.endswith("/unchecked"):
+        prune = {**prune, "compensation": compensation.removesuffix("/unchecked"), "judge_batches": 0}
     spec = s.recipe.prune.model_copy(update={"num_drop": None, **prune})
     return make_plan(type(spec).model_validate(spec.model_dump()), s.variants.plan.num_layers, s.tied)
 
@@ -108,7 +123,8 @@ def run(s: Setup, plan: Plan, schedule: str = "iterative") -> Trajectory:
 
 def measure(s: Setup, variant: Variant, train_loss: float | None) -> dict:
     rows = s.evaluator.evaluate(s.variants, variant)
-    out = {m.dataset: m.value for m in rows}
+    prefix = {"perplexity": "", "accuracy": "", "kl_divergence": "kl ", "top1_agreement": "top1 "}
+    out = {prefix[m.kind] + m.dataset: m.value for m in rows}
     if train_loss is not None:
         out["calibration"] = math.exp(train_loss)
     return out
@@ -124,6 +140,7 @@ def row(s: Setup, label: str, plan: Plan, trajectory: Trajectory, k: int, starte
         "removed": trajectory.removed[:k],
         "scalars": [round(st.alpha, 4) for st in trajectory.steps[:k]],
         "paper_alphas": [None if st.paper_alpha is None else round(st.paper_alpha, 4) for st in trajectory.steps[:k]],
+        "kept": [None if st.check is None else st.check.kept for st in trajectory.steps[:k]],
         "prune_s": round(time.perf_counter() - started, 1),
         **figures,
     }
@@ -147,11 +164,14 @@ def main() -> None:
     )  # fmt: skip
     parser.add_argument("--probe-batches", type=int, default=1, help="calibration batches compensated_loss scores on")
     parser.add_argument("--calibration-samples", type=int, help="calibration windows (default: the demo's)")
+    parser.add_argument("--source", help="another model (the recipe's model.source syntax)")
+    parser.add_argument("--eval-windows", type=int, help="held-out windows per corpus (default: the demo's)")
+    parser.add_argument("--corpora", nargs="+", help="held-out corpora (default: the demo's)")
     parser.add_argument("--json", type=Path, help="write every row here")
     args = parser.parse_args()
     torch.manual_seed(0)
     scratch = Path(ROOT / "outputs" / "ablation-scratch")
-    s = setup(scratch, args.qa, args.calibration_samples)
+    s = setup(scratch, args.qa, args.calibration_samples, args.source, args.eval_windows, args.corpora)
     most = max(args.points)
     rows = [{"row": "dense", "layers_removed": 0, **measure(s, s.variants.dense, None)}]
     print(json.dumps(rows[0]), flush=True)
@@ -163,9 +183,22 @@ def main() -> None:
 
     if "layers" in args.parts:
         for k in args.points:
+            # the reference run's paper alphas (measured on the fit batches), all folded: what its held-back
+            # check decided against, at no cost of another run
+            steps = [(st.removed, st.paper_alpha or 1.0) for st in reference.steps[:k]]
+            paper = variant_after("prunecomp", reference_plan.num_layers, steps, reference_plan.fold_form)
+            figures = measure(s, paper, None)
+            rows.append({"row": "same layers, every paper alpha folded", "layers_removed": k, **figures})
+            print(json.dumps(rows[-1]), flush=True)
             for compensation in args.compensations:
                 plan = plan_for(s, drop_layers=order[:k], compensation=compensation)
                 started = time.perf_counter()
+                if compensation == "none":  # nothing to measure: the same layers, removed as they are
+                    steps = [([i], 1.0) for i in order[:k]]
+                    figures = measure(s, variant_after("prunecomp", plan.num_layers, steps, None), None)
+                    rows.append({"row": "same layers, none", "layers_removed": k, "removed": order[:k], **figures})
+                    print(json.dumps(rows[-1]), flush=True)
+                    continue
                 trajectory = reference if compensation == "magnitude" and k == most else run(s, plan)
                 rows.append(row(s, f"same layers, {compensation}", plan, trajectory, k, started))
                 if compensation == "linear":  # the paper's alpha folded on top of the map, post hoc
@@ -210,11 +243,13 @@ def table(rows: list[dict]) -> str:
     dense = rows[0]
     corpora = [c for c in dense if c not in ("row", "layers_removed") and not c.startswith("gensim_")]
     tasks = [c for c in dense if c.startswith("gensim_")]
-    header = ["layers", "row", *corpora, "calibration"] + (["QA kept %"] if tasks else []) + ["removed"]
+    kl = [f"kl {c}" for c in corpora]
+    header = ["layers", "row", *corpora, *kl, "calibration"] + (["QA kept %"] if tasks else []) + ["removed"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
         cells = [str(r["layers_removed"]), r["row"]]
         cells += [f"{r[c]:.2f}" if c in r else "" for c in corpora]
+        cells += [f"{r[c]:.4f}" if c in r else "" for c in kl]
         cells.append(f"{r['calibration']:.2f}" if "calibration" in r else "")
         if tasks:
             kept = sum(r.get(t, math.nan) for t in tasks) / sum(dense[t] for t in tasks)

@@ -19,14 +19,33 @@ def test_prunecomp_beats_one_shot_without_compensation(smollm2_demo_run):
     for corpus in corpora:
         assert ppl["prunecomp", corpus] < ppl["baseline", corpus], (corpus, ppl)
         assert ppl["dense", corpus] < ppl["prunecomp", corpus], (corpus, ppl)
-    alphas = [r.step.alpha for r in result.trajectory.rounds]
-    assert all(a != 1.0 for a in alphas[:-1] if a)  # a gap before the last layer always gets an alpha
+    for step in result.trajectory.steps[:-1]:  # a gap before the last layer gets an alpha, checked on held-back text
+        assert step.paper_alpha not in (None, 1.0) and step.check is not None
+        assert (step.alpha == 1.0) == (step.check.kept == "none")
+        kept_loss = {"full": step.check.loss_full, "half": step.check.loss_half, "none": step.check.loss_none}
+        assert kept_loss[step.check.kept] <= step.check.loss_none
     accuracy = {m.dataset for m in final if m.kind == "accuracy" and m.variant == "prunecomp"}
     assert accuracy == {"gensim_analogy", "gensim_sentiment"}
+    for m in final:  # QA rows carry lm-eval's standard error, pruned ones their paired difference to dense
+        if m.kind == "accuracy":
+            assert m.details["stderr"] > 0 and len(m.details["correct"]) == m.details["n"] == 100
+            assert m.variant == "dense" or m.details["difference_to_dense"]["ci95"] > 0
+    # every evaluated pruned model carries its divergence from the dense model, on every corpus
+    for variant in ("prunecomp", "baseline"):
+        for k in (2, 4, 6):
+            for kind in ("kl_divergence", "top1_agreement"):
+                got = {
+                    m.dataset
+                    for m in result.measurements
+                    if (m.variant, m.layers_removed, m.kind) == (variant, k, kind)
+                }
+                assert got == corpora, (variant, k, kind)
     # the report's curves: every variant at 2, 4 and 6 removed layers, on every corpus and task
     for variant in ("prunecomp", "baseline"):
         points = {(m.layers_removed, m.dataset) for m in result.measurements if m.variant == variant}
         assert points == {(k, d) for k in (2, 4, 6) for d in (*corpora, *accuracy)}, variant
+    kl = {m.dataset: m.value for m in final if m.kind == "kl_divergence"}
+    assert all(value > 0 for value in kl.values())
     assert result.signoff_passed
 
 

@@ -19,8 +19,10 @@ half the available host memory; on CPU the device is the host and H = D):
 
 - prune and perplexity (this process): resident weights W, or S + T streamed, plus act of one
   calibration (perplexity) batch, plus logits of one chunk of ``logits_chunk`` tokens, sized to an
-  eighth of D (the head's output never exists for a whole batch), plus the stream cache where it is
-  on the device. Weights stay resident when W and the cache fit D.
+  eighth of D (the head's output never exists for a whole batch; the divergence from the dense model
+  runs both heads on half a chunk), plus the stream cache where it is on the device. Weights stay
+  resident when W and the cache fit D. Perplexity also keeps the dense model's streams entering the
+  final norm, n s b d per corpus of n windows, in host memory (the divergence's reference).
 - reload check and QA (child processes, after this process released its device memory): the
   checkpoint loaded through accelerate's big-model inference with ``max_memory`` = D minus a reserve
   (act and logits of one batch, and S + T for the layer an offloaded forward brings in) on the
@@ -212,6 +214,10 @@ class ModelShape:
         """logits(t, c): the head's fp32 output on ``tokens`` tokens, ``copies`` times."""
         return tokens * self.vocab_size * 4 * copies
 
+    def streams(self, windows: int, seq_len: int) -> int:
+        """The residual stream of ``windows`` windows at one layer boundary."""
+        return windows * seq_len * self.hidden_size * self.dtype_bytes
+
     def stream_cache(self, windows: int, seq_len: int) -> int:
         return (self.num_layers + 1) * windows * seq_len * self.hidden_size * self.dtype_bytes
 
@@ -341,11 +347,15 @@ def make_memory_plan(
     perplexity = recipe.evaluation.perplexity
     if perplexity is not None:
         work = shape.activations(perplexity.batch_size, perplexity.seq_len)
+        reference, held = 0, "the dense model's streams of every window kept as the divergence's reference"
+        if perplexity.max_windows is not None:
+            reference = len(perplexity.corpora) * shape.streams(perplexity.max_windows, perplexity.seq_len)
+            held = f"the dense model's streams ({_gb(reference)} GB) kept as the divergence's reference"
         stages.append(
             _engine_stage(
-                PERPLEXITY, machine, weights + work + engine_logits, 0, device_budget,
+                PERPLEXITY, machine, weights + work + engine_logits, reference, device_budget,
                 f"weights {where}, {perplexity.batch_size} x {perplexity.seq_len} tokens a batch, "
-                f"head in chunks of {chunk} tokens",
+                f"head in chunks of {chunk} tokens, {held}",
             )
         )  # fmt: skip
     qa = recipe.evaluation.qa

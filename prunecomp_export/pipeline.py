@@ -48,7 +48,15 @@ from prunecomp_export.report.results import (
     TrajectoryInfo,
     deployed_targets,
 )
-from prunecomp_export.report.signoff import accuracy_kept, evaluate_signoff, perplexity_ratios, with_target_parity
+from prunecomp_export.report.signoff import (
+    accuracy_kept,
+    accuracy_kept_interval,
+    add_paired_differences,
+    corpus_figures,
+    evaluate_signoff,
+    perplexity_ratios,
+    with_target_parity,
+)
 from prunecomp_export.source import calibration, corpus
 from prunecomp_export.source.loading import (
     ResolvedSource,
@@ -136,7 +144,8 @@ def preflight(recipe: Recipe, targets: list[str], bench: bool = False, machine: 
     config = load_config(source, recipe.model)
     adapter = adapter_for(config)
     tied = bool(getattr(config, "tie_word_embeddings", False))
-    plan = make_plan(recipe.prune, config.num_hidden_layers, tied)
+    batches = -(-recipe.calibration.num_samples // recipe.calibration.batch_size)
+    plan = make_plan(recipe.prune, config.num_hidden_layers, tied, num_batches=batches)
     if plan.compensation == "linear" and (refusal := adapter.output_map_refusal()) is not None:
         raise RecipeError(refusal, key="prune.compensation")
     check_points(recipe.evaluation.trajectory, plan, key="evaluation.trajectory", final_included=False)
@@ -222,8 +231,9 @@ def _check_signoff(recipe: Recipe, bench: bool) -> None:
                           key="signoff.min_speedup")  # fmt: skip
     if signoff.min_accuracy_kept is not None and evaluation.qa is None:
         raise RecipeError("needs evaluation.qa (QA accuracy), which is null", key="signoff.min_accuracy_kept")
-    if signoff.max_perplexity_ratio is not None and evaluation.perplexity is None:
-        raise RecipeError("needs evaluation.perplexity, which is null", key="signoff.max_perplexity_ratio")
+    for key in ("max_perplexity_ratio", "max_kl_divergence", "min_top1_agreement"):
+        if getattr(signoff, key) is not None and evaluation.perplexity is None:
+            raise RecipeError("needs evaluation.perplexity, which is null", key=f"signoff.{key}")
 
 
 def _check_lengths(recipe: Recipe, config: Any, bench: bool) -> None:
@@ -411,9 +421,12 @@ def _evaluate(checked: Checked, loaded: Loaded, trajectory: Trajectory, reporter
         loaded.identity["sha256"], {**evaluator.protocol(), "dtype": str(variants.model.dtype)},
         recipe.evaluation.cache_dense,
     )  # fmt: skip
-    dense = cache.load()
-    if dense is not None:
+    cached = cache.load(list(evaluator.windows))
+    dense = None
+    if cached is not None:
         reporter.log(f"dense results reused from {cache.path}")
+        dense, evaluator.dense_finals = cached
+    # the dense model first: its streams are the reference of every divergence figure
     models = [] if dense is not None else [variants.dense]
     for k in [*_trajectory_points(recipe, plan), plan.num_drop]:
         variant = variants.prunecomp(trajectory, k)
@@ -424,9 +437,11 @@ def _evaluate(checked: Checked, loaded: Loaded, trajectory: Trajectory, reporter
     rows = evaluator.evaluate(variants, models)
     if dense is None:
         dense = [row for row in rows if row.variant == "dense"]
-        cache.store(dense)
+        cache.store(dense, evaluator.dense_finals)
         rows = [row for row in rows if row.variant != "dense"]
-    return dense + rows
+    rows = dense + rows
+    add_paired_differences(rows)
+    return rows
 
 
 def _targets(checked: Checked, checkpoint: Path, stage: Path, reporter: Reporter) -> dict[str, dict]:
@@ -491,12 +506,7 @@ def _results(
         trajectory=TrajectoryInfo.model_validate(trajectory.to_json()),
         protocol=loaded.evaluator.protocol(),
         measurements=[MeasurementRow.model_validate(row.to_json()) for row in rows],
-        summary=Summary(
-            perplexity_ratio=perplexity_ratios(rows, "prunecomp", final),
-            baseline_perplexity_ratio=perplexity_ratios(rows, "baseline", final),
-            accuracy_kept_percent=accuracy_kept(rows, "prunecomp", final),
-            baseline_accuracy_kept_percent=accuracy_kept(rows, "baseline", final),
-        ),
+        summary=_summary(rows, final),
         bench=bench_results,
         signoff=with_target_parity(
             evaluate_signoff(recipe.signoff, rows, final, speedups_at(bench_results, final) if bench_results else None),
@@ -509,6 +519,24 @@ def _results(
         peak_rss_bytes=meter.process_peak_rss_bytes(),
         packages=_package_versions(),
         machine=_machine(),
+    )
+
+
+def _summary(rows, final: int) -> Summary:
+    """The final pruned model and the one-shot baseline against the dense model."""
+    margins = {v: accuracy_kept_interval(rows, v, final) for v in ("prunecomp", "baseline")}
+    agreement = {v: corpus_figures(rows, "top1_agreement", v, final) for v in ("prunecomp", "baseline")}
+    return Summary(
+        perplexity_ratio=perplexity_ratios(rows, "prunecomp", final),
+        baseline_perplexity_ratio=perplexity_ratios(rows, "baseline", final),
+        accuracy_kept_percent=accuracy_kept(rows, "prunecomp", final),
+        baseline_accuracy_kept_percent=accuracy_kept(rows, "baseline", final),
+        accuracy_kept_margin=None if margins["prunecomp"] is None else margins["prunecomp"].margin,
+        baseline_accuracy_kept_margin=None if margins["baseline"] is None else margins["baseline"].margin,
+        kl_divergence=corpus_figures(rows, "kl_divergence", "prunecomp", final),
+        baseline_kl_divergence=corpus_figures(rows, "kl_divergence", "baseline", final),
+        top1_agreement_percent={c: 100.0 * v for c, v in agreement["prunecomp"].items()},
+        baseline_top1_agreement_percent={c: 100.0 * v for c, v in agreement["baseline"].items()},
     )
 
 

@@ -182,6 +182,21 @@ class PruneSpec(Strict):
         description="Calibration batches that fit the scalar (compensation: fitted) and score candidates "
         "(metric: compensated_loss); null: all.",
     )
+    shortlist: int = Field(
+        1,
+        ge=1,
+        description="Candidates judged each round: the metric's best `shortlist` layers are each removed with "
+        "the recipe's compensation (measured on the fit batches) and the one with the lowest calibration loss on "
+        "the judge batches goes (near-ties of the metric decided by the loss); 1: the metric alone decides.",
+    )
+    judge_batches: int | None = Field(
+        None,
+        ge=0,
+        description="Calibration batches held back from measuring or fitting the compensation: they judge the "
+        "shortlist and check every removal's compensation against none (half of it, or none, is folded where "
+        "it would raise their loss). null: a quarter of the batches, at least one (none when there is a single "
+        "batch); 0: fit on every batch, no check.",
+    )
     protected_layers: list[int] | None = Field(
         None,
         description="Original layer indices never removed (negative counts from the end). "
@@ -279,6 +294,19 @@ class SignoffSpec(Strict):
     )
     min_speedup: FiniteFloat | None = Field(
         None, gt=0, description="Dense / pruned latency, every benchmarked runtime (needs --bench)."
+    )
+    max_kl_divergence: FiniteFloat | None = Field(
+        None,
+        gt=0,
+        description="Mean KL(dense || pruned) per token, nats, on every perplexity corpus (needs "
+        "evaluation.perplexity).",
+    )
+    min_top1_agreement: FiniteFloat | None = Field(
+        None,
+        gt=0,
+        le=100,
+        description="Percent of tokens whose most likely next token is the dense model's, on every perplexity "
+        "corpus (needs evaluation.perplexity).",
     )
 
 

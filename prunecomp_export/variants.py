@@ -10,7 +10,7 @@ import math
 import shutil
 import tempfile
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -19,9 +19,20 @@ import torch
 from prunecomp_export.adapters import Adapter
 from prunecomp_export.engine.layerwise import LayerwiseModel, layer_output
 from prunecomp_export.engine.loop import Plan, Step, Trajectory, baseline_layers, steps_for, variant_of
-from prunecomp_export.engine.streams import mean_nll
+from prunecomp_export.engine.streams import Divergence, mean_nll, token_divergence
 from prunecomp_export.engine.variant import Variant, dense_variant, variant_after
 from prunecomp_export.source.weights import SafetensorsCheckpoint
+
+
+@dataclass
+class WindowFigures:
+    """A variant on a corpus' windows: token perplexity, its streams entering the final norm (per
+    batch, kept for the dense model: the reference of every divergence) and its divergence from the
+    dense model, when the dense streams were given."""
+
+    perplexity: float
+    finals: list[torch.Tensor]
+    divergence: Divergence | None
 
 
 @dataclass
@@ -75,10 +86,34 @@ class ModelVariants:
     @torch.no_grad()
     def perplexity(self, variant: Variant, windows: torch.Tensor, batch_size: int) -> float:
         """Token perplexity over ``windows`` (the paper's protocol), exp of the mean next-token NLL."""
+        return self.window_figures(variant, windows, batch_size).perplexity
+
+    @torch.no_grad()
+    def window_figures(
+        self, variant: Variant, windows: torch.Tensor, batch_size: int, dense_finals: list[torch.Tensor] | None = None
+    ) -> WindowFigures:
+        """Token perplexity over ``windows`` and, given the dense model's streams entering the final norm
+        for the same batches, the divergence from the dense model: the variant runs once for both."""
         batches = list(windows.split(batch_size))
         finals = self.final_streams(variant, batches)
         with self.model.head(variant.embedding_scale, variant.untie) as logits_of:
-            return math.exp(mean_nll(logits_of, batches, finals, self.model.logits_chunk))
+            perplexity = math.exp(mean_nll(logits_of, batches, finals, self.model.logits_chunk))
+            divergence = None if dense_finals is None else self._divergence(variant, logits_of, dense_finals, finals)
+        return WindowFigures(perplexity, finals, divergence)
+
+    def _divergence(self, variant: Variant, logits_of, dense_finals, finals) -> Divergence:
+        """KL(dense || variant) and top-1 agreement per token; the dense head is the variant's unless
+        the variant scales a tied embedding (``tied_embedding: scale_tied``), then both are held."""
+        tokens = []
+        with ExitStack() as stack:
+            same_head = not (self.model.tied and not variant.untie and variant.embedding_scale != 1.0)
+            dense_logits_of = logits_of if same_head else stack.enter_context(self.model.head())
+            for dense_hidden, hidden in zip(dense_finals, finals, strict=True):
+                tokens.append(
+                    token_divergence(dense_logits_of, logits_of, dense_hidden, hidden, self.model.logits_chunk)
+                )
+        kl, agree = (torch.cat(parts) for parts in zip(*tokens, strict=True))
+        return Divergence.of_tokens(kl, agree)
 
     # -- write as a checkpoint ------------------------------------------------------------------
     def write(self, variant: Variant, directory: Path, max_shard_size: int | str = "5GB") -> None:

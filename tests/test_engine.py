@@ -77,7 +77,8 @@ def test_cached_streams_after_pruning_equal_a_fresh_forward(arch, batches, place
     """A round recomputes only the layers after the gap and rescales the stream before it; the
     result must equal running the pruned model from scratch, and the in-memory pruned model."""
     model = make_model(arch)
-    plan = plan_for(model, num_drop=3, fold="pre_gap", protected_layers=[0, 5])  # every gap inside the model
+    # every gap inside the model; every round folds (no held-back check that could drop a compensation)
+    plan = plan_for(model, num_drop=3, fold="pre_gap", protected_layers=[0, 5], judge_batches=0)
     streams = open_streams(model, tmp_path, batches, plan, place)
     with streams.cache:
         streams.capture()
@@ -132,7 +133,7 @@ def test_engine_calibration_loss_equals_the_replayed_models_loss(arch, fold, cho
     same steps folded in memory by ``engine.replay``."""
     tied, spec = FOLDS[fold]
     dense = make_model(arch, tied=tied)
-    plan = plan_for(dense, **CHOICES[choice], **spec)
+    plan = plan_for(dense, **CHOICES[choice], **spec, judge_batches=0)  # every round folds: no held-back check
     assert plan.fold_form == ("post_gap" if fold.endswith("post_gap") else "pre_gap")
     trajectory = prune_streamed(dense, batches, plan, tmp_path)
     assert trajectory.dense_calibration_loss == pytest.approx(plain_loss(dense, batches), rel=1e-5)
@@ -148,7 +149,7 @@ def test_engine_calibration_loss_equals_the_replayed_models_loss(arch, fold, cho
 
 def test_rounds_recompute_only_layers_after_the_gap(batches, tmp_path):
     model = make_model("llama")
-    trajectory = prune_streamed(model, batches, plan_for(model, drop_layers=[4, 1]), tmp_path)
+    trajectory = prune_streamed(model, batches, plan_for(model, drop_layers=[4, 1], judge_batches=0), tmp_path)
     first, second = trajectory.rounds
     # round 1 removes original layer 4 of 6: layers 5 is rerun (1 layer x 2 batches), plus nothing else
     assert first.layer_forwards == 1 * len(batches)
@@ -293,7 +294,7 @@ def test_removing_the_last_layer_needs_no_alpha(batches, tmp_path):
 
 def test_removing_the_first_layer_pre_gap_scales_only_the_embedding(batches, tmp_path):
     model = make_model("llama")
-    plan = plan_for(model, drop_layers=[0])
+    plan = plan_for(model, drop_layers=[0], judge_batches=0)  # alpha measured on every batch
     trajectory = prune_streamed(model, batches, plan, tmp_path)
     alpha = trajectory.rounds[0].step.alpha
     assert alpha != 1.0

@@ -60,7 +60,7 @@ def hooked(dense, removed: list[int], maps: dict[int, torch.Tensor]):
 @pytest.mark.parametrize("arch", MAPPABLE)
 def test_linear_map_folds_exactly_and_is_the_least_squares_fit(arch, batches, tmp_path):
     dense = make_model(arch)
-    plan = plan_for(dense, drop_layers=[3, 1], compensation="linear", ridge=1e-3)
+    plan = plan_for(dense, drop_layers=[3, 1], compensation="linear", ridge=1e-3, judge_batches=0)  # fit on all
     trajectory = prune_streamed(dense, batches, plan, tmp_path / "src")
     steps = trajectory.steps
     assert [s.output_map[0] for s in steps] == [2, 0], "each map goes on the last kept layer before the gap"
@@ -101,7 +101,7 @@ def test_linear_map_folds_exactly_and_is_the_least_squares_fit(arch, batches, tm
 def test_a_map_on_a_layer_that_already_has_one_composes(batches, tmp_path):
     """Removing 3 then 4 puts both maps on layer 2: its MLP output times T1 then T2."""
     dense = make_model("llama")
-    plan = plan_for(dense, drop_layers=[3, 4], compensation="linear")
+    plan = plan_for(dense, drop_layers=[3, 4], compensation="linear", judge_batches=0)
     trajectory = prune_streamed(dense, batches, plan, tmp_path / "src")
     (t1_layer, t1), (t2_layer, t2) = (s.output_map for s in trajectory.steps)
     assert t1_layer == t2_layer == 2
@@ -111,8 +111,10 @@ def test_a_map_on_a_layer_that_already_has_one_composes(batches, tmp_path):
 
 def test_fitted_scalar_is_never_worse_than_none_or_the_paper_alpha(batches, tmp_path):
     dense = make_model("llama")
-    magnitude = prune_streamed(dense, batches, plan_for(dense, drop_layers=[2], fold="pre_gap"), tmp_path / "a")
-    plan = plan_for(dense, drop_layers=[2], fold="pre_gap", compensation="fitted", probe_batches=None)
+    # fitted on every batch, the batches it is compared on
+    magnitude_plan = plan_for(dense, drop_layers=[2], fold="pre_gap", judge_batches=0)
+    magnitude = prune_streamed(dense, batches, magnitude_plan, tmp_path / "a")
+    plan = plan_for(dense, drop_layers=[2], fold="pre_gap", compensation="fitted", probe_batches=None, judge_batches=0)
     fitted = prune_streamed(dense, batches, plan, tmp_path / "b")
     (step,) = fitted.steps
     alpha = magnitude.steps[0].alpha

@@ -320,7 +320,11 @@ def test_a_151k_vocabulary_prunes_with_the_demo_calibration_under_a_budget_below
     grown = max(costs[name]["peak_rss_bytes"] for name in ("prune", "evaluate")) - costs["load"]["peak_rss_bytes"]
     assert grown < batch_logits / 4, grown  # the head's output never existed for a whole batch
     assert results["trajectory"]["rounds"][0]["step"]["removed"]
-    assert [m["variant"] for m in results["measurements"]] == ["dense", "prunecomp"]
+    # the divergence from the dense model (both heads over the vocabulary) within the same plan
+    assert [(m["variant"], m["kind"]) for m in results["measurements"]] == [
+        ("dense", "perplexity"), ("prunecomp", "perplexity"), ("prunecomp", "kl_divergence"),
+        ("prunecomp", "top1_agreement"),
+    ]  # fmt: skip
 
 
 # -- the vllm target: its memory from the plan ------------------------------------------------------

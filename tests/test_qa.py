@@ -171,9 +171,10 @@ def _tiny_checkpoint(path: Path, docs: list[dict]) -> tuple[torch.nn.Module, obj
 
 
 @torch.no_grad()
-def _manual_accuracy(model: torch.nn.Module, tokenizer, docs: list[dict]) -> float:
-    """Accuracy by hand, scoring " choice" after the question the way lm-eval's HFLM encodes a pair."""
-    correct = 0
+def _manual_correct(model: torch.nn.Module, tokenizer, docs: list[dict]) -> list[int]:
+    """Each question right (1) or wrong (0) by hand, scoring " choice" after the question the way
+    lm-eval's HFLM encodes a pair."""
+    correct = []
     for doc in docs:
         scores = []
         for choice in doc["choices"]:
@@ -182,8 +183,8 @@ def _manual_accuracy(model: torch.nn.Module, tokenizer, docs: list[dict]) -> flo
             continuation = whole[len(context) :]
             logprobs = model(torch.tensor([whole[:-1]])).logits[0].log_softmax(-1)
             scores.append(sum(logprobs[len(context) - 1 + i, t].item() for i, t in enumerate(continuation)))
-        correct += max(range(len(scores)), key=scores.__getitem__) == doc["label"]
-    return correct / len(docs)
+        correct.append(int(max(range(len(scores)), key=scores.__getitem__) == doc["label"]))
+    return correct
 
 
 def test_evaluate_qa_on_tiny_model(tmp_path: Path, task_dir: Path) -> None:
@@ -196,13 +197,15 @@ def test_evaluate_qa_on_tiny_model(tmp_path: Path, task_dir: Path) -> None:
     assert set(result) == {*OFFLINE, "protocol"}
     for name, chance in (("gensim_analogy", 1 / qa.ANALOGY_NUM_CHOICES), ("gensim_sentiment", 0.5)):
         score = result[name]
-        assert set(score) == {"acc", "acc_stderr", "n", "chance"}
+        assert set(score) == {"acc", "acc_stderr", "n", "chance", "correct", "questions_sha256"}
         assert score["n"] == limit
         assert score["chance"] == pytest.approx(chance)
         assert 0.0 <= score["acc"] <= 1.0
         assert score["acc_stderr"] is None or score["acc_stderr"] >= 0.0
-        # lm-eval scored exactly our questions, choices and labels.
-        assert score["acc"] == pytest.approx(_manual_accuracy(model, tokenizer, docs[name][:limit]))
+        # lm-eval scored exactly our questions, choices and labels; its per-question results in doc order
+        manual = _manual_correct(model, tokenizer, docs[name][:limit])
+        assert score["correct"] == manual
+        assert score["acc"] == pytest.approx(sum(manual) / limit)
     protocol = result["protocol"]
     assert protocol["num_fewshot"] == 0 and protocol["limit"] == limit and protocol["batch_size"] == 4
     assert protocol["dtype"] == "float32" and protocol["lm_eval_version"].startswith("0.4.")
@@ -223,9 +226,9 @@ def test_evaluate_qa_within_a_memory_plan_offloads_and_scores_the_same(tmp_path:
         max_memory={"cpu": size // 3}, offload_folder=str(tmp_path / "offload"), max_length=256,
     )  # fmt: skip
     assert result["protocol"]["placement"]["modules"].get("disk", 0) > 0  # weights read from disk as they run
-    assert result["gensim_sentiment"]["acc"] == pytest.approx(
-        _manual_accuracy(model, tokenizer, docs["gensim_sentiment"][:6])
-    )
+    manual = _manual_correct(model, tokenizer, docs["gensim_sentiment"][:6])
+    assert result["gensim_sentiment"]["correct"] == manual
+    assert result["gensim_sentiment"]["acc"] == pytest.approx(sum(manual) / 6)
 
 
 def _result(accs: dict[str, float]) -> dict:

@@ -194,6 +194,12 @@ CASES = [
         "{recipe}, signoff.max_perplexity_ratio: needs evaluation.perplexity, which is null",
         id="perplexity-threshold-without-perplexity",
     ),
+    pytest.param(
+        edit(suffix="evaluation:\n  perplexity: null\nsignoff:\n  min_top1_agreement: 90\n"),
+        [],
+        "{recipe}, signoff.min_top1_agreement: needs evaluation.perplexity, which is null",
+        id="top1-threshold-without-perplexity",
+    ),
     pytest.param(edit("num_drop: 2", "num_drop: 2\n  metric: blockinfluence"), [], "did you mean 'block_influence'"),
     pytest.param(edit("num_drop: 2", "drop_layers: [1, 7]"), [], "prune.drop_layers: layer 7 does not exist"),
     pytest.param(edit("num_drop: 2", "drop_layers: [1, 1]"), [], "prune.drop_layers: lists layer 1 twice"),

@@ -67,6 +67,77 @@ def test_signoff_thresholds(spec, passed, failing):
     assert [c.name for c in result.checks if not c.passed] == failing
 
 
+DIVERGENCE = [
+    Measurement("prunecomp", 2, "kl_divergence", "wiki", 0.30, {"p90": 0.7, "p99": 2.0, "tokens": 10}),
+    Measurement("prunecomp", 2, "kl_divergence", "news", 0.45, {"p90": 0.9, "p99": 2.5, "tokens": 10}),
+    Measurement("prunecomp", 2, "top1_agreement", "wiki", 0.80, {"tokens": 10}),
+    Measurement("prunecomp", 2, "top1_agreement", "news", 0.70, {"tokens": 10}),
+]
+
+
+@pytest.mark.parametrize(
+    ("spec", "passed", "value"),
+    [
+        (SignoffSpec(max_kl_divergence=0.5), True, 0.45),  # the worst corpus decides
+        (SignoffSpec(max_kl_divergence=0.4), False, 0.45),
+        (SignoffSpec(min_top1_agreement=70), True, 70.0),
+        (SignoffSpec(min_top1_agreement=75), False, 70.0),
+    ],
+)
+def test_divergence_thresholds_use_the_worst_corpus(spec, passed, value):
+    (check,) = evaluate_signoff(spec, ROWS + DIVERGENCE, 2).checks
+    assert check.passed is passed and check.value == pytest.approx(value)
+    (missing,) = evaluate_signoff(spec, ROWS, 2).checks  # not measured: cannot sign off
+    assert not missing.passed and missing.value is None
+
+
+def paired_rows(dense: dict[str, list[int]], pruned: dict[str, list[int]]) -> list[Measurement]:
+    def row(variant: str, k: int, task: str, correct: list[int]) -> Measurement:
+        details = {"correct": correct, "questions_sha256": f"{task}-{len(correct)}", "n": len(correct)}
+        return Measurement(variant, k, "accuracy", task, sum(correct) / len(correct), details)
+
+    return [row("dense", 0, t, c) for t, c in dense.items()] + [row("prunecomp", 2, t, c) for t, c in pruned.items()]
+
+
+def test_accuracy_kept_interval_is_the_paired_delta_method():
+    import numpy as np
+
+    from prunecomp_export.report.signoff import Z95, accuracy_kept_interval, paired_difference
+
+    rng = np.random.default_rng(0)
+    dense = {t: (rng.random(n) < p).astype(int).tolist() for t, n, p in (("a", 200, 0.75), ("b", 120, 0.6))}
+    # the pruned model mostly answers as the dense one did: the pairing shrinks the interval
+    pruned = {t: [c if rng.random() < 0.85 else 1 - c for c in v] for t, v in dense.items()}
+    rows = paired_rows(dense, pruned)
+    interval = accuracy_kept_interval(rows, "prunecomp", 2)
+    d = {t: np.array(v, float) for t, v in dense.items()}
+    m = {t: np.array(v, float) for t, v in pruned.items()}
+    ratio = np.mean([m[t].mean() for t in d]) / np.mean([d[t].mean() for t in d])
+    # independent: the delta method, variance of M - R D over the independent tasks, the mean over tasks
+    variance = sum(np.var(m[t] - ratio * d[t], ddof=1) / len(d[t]) for t in d) / len(d) ** 2
+    assert interval.value == pytest.approx(100 * ratio)
+    assert interval.margin == pytest.approx(100 * Z95 * np.sqrt(variance) / np.mean([d[t].mean() for t in d]))
+    unpaired = Z95 * np.sqrt(sum(d[t].var(ddof=1) / len(d[t]) + m[t].var(ddof=1) / len(m[t]) for t in d)) / 2
+    assert interval.margin / 100 < unpaired / np.mean([d[t].mean() for t in d]), "pairing narrows it"
+    difference = paired_difference(rows, "prunecomp", 2, "a")
+    assert difference.value == pytest.approx(100 * (m["a"].mean() - d["a"].mean()))
+    assert difference.margin == pytest.approx(100 * Z95 * np.std(m["a"] - d["a"], ddof=1) / np.sqrt(200))
+
+
+def test_a_threshold_inside_the_interval_is_named_as_noise():
+    dense = {"a": [1] * 80 + [0] * 20}
+    pruned = {"a": [1] * 74 + [0] * 6 + [0] * 20}  # 74 of the dense model's 80: kept 92.5 %
+    rows = paired_rows(dense, pruned)
+    (inside,) = evaluate_signoff(SignoffSpec(min_accuracy_kept=95), rows, 2).checks
+    assert inside.value == pytest.approx(92.5) and not inside.passed and inside.inside_noise
+    assert "the tasks are too small to sign off at 95 %" in inside.detail
+    assert inside.detail.startswith(f"accuracy kept 92.5 % ± {inside.margin:.1f}")
+    (outside,) = evaluate_signoff(SignoffSpec(min_accuracy_kept=70), rows, 2).checks
+    assert outside.passed and not outside.inside_noise and "above 70 % beyond the noise" in outside.detail
+    (unpaired,) = evaluate_signoff(SignoffSpec(min_accuracy_kept=70), ROWS, 2).checks  # no per-question results
+    assert unpaired.margin is None and "no interval" in unpaired.detail
+
+
 def test_speedup_threshold_uses_the_slowest_runtime():
     result = evaluate_signoff(SignoffSpec(min_speedup=1.2), ROWS, 2, {"torch": 1.3, "onnxruntime": 1.15})
     assert not result.passed and result.checks[0].value == 1.15
@@ -90,8 +161,14 @@ def test_cli_exits_0_when_signoff_passes_and_reports_parse(tmp_path, tiny_dir):
     # trajectory 'all': Prune&Comp and the baseline at 1 and 2 removed layers, dense once
     points = {(m["variant"], m["layers_removed"]) for m in results["measurements"]}
     assert points == {("dense", 0), ("prunecomp", 1), ("prunecomp", 2), ("baseline", 1), ("baseline", 2)}
+    # every evaluated model but the dense one carries its divergence from the dense model, per corpus
+    for variant, k in points - {("dense", 0)}:
+        kinds = {m["kind"] for m in results["measurements"] if (m["variant"], m["layers_removed"]) == (variant, k)}
+        assert {"kl_divergence", "top1_agreement"} <= kinds, (variant, k)
+    assert set(results["summary"]["kl_divergence"]) == set(results["summary"]["perplexity_ratio"])
     markdown = (out / "report.md").read_text()
     assert "**PASS**" in markdown
+    assert "| KL(dense ‖ model), nats/token |" in markdown and "| top-1 agreement with dense |" in markdown
     assert results["targets"] == []  # no --target: the plain checkpoint only
     assert f"## Deployed targets\n\n{NO_TARGETS}\n" in markdown
     # every stage measured before the report, with where the weights and the stream cache lived
@@ -105,7 +182,7 @@ def test_cli_exits_0_when_signoff_passes_and_reports_parse(tmp_path, tiny_dir):
     assert ("save", "reload check") in children
     assert f"weights {results['execution']['weights']}" in markdown[markdown.index("## Cost") :]
     page = (out / "report.html").read_text()
-    assert "id='verdict'>PASS" in page and "data:image/png;base64," in page
+    assert "id='verdict'>PASS" in page and "data:image/png;base64," in page and "id='plot-divergence'" in page
     assert "<table id='cost'>" in page and "<p id='execution'>" in page
 
 

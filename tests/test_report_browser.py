@@ -68,7 +68,7 @@ def test_report_renders_in_chromium_with_its_images(report_html, tmp_path):
     assert match, dom.stderr[-2000:]
     probe = json.loads(match.group(1).replace("&quot;", '"'))
     assert probe["errors"] == []
-    assert [image["id"] for image in probe["images"]] == ["plot-perplexity"]
+    assert [image["id"] for image in probe["images"]] == ["plot-perplexity", "plot-divergence"]
     assert all(image["complete"] and image["w"] > 100 and image["h"] > 100 for image in probe["images"])
     assert "CONSOLE" not in dom.stderr or "Uncaught" not in dom.stderr
 

@@ -20,7 +20,7 @@ FoldForm = Literal["pre_gap", "post_gap"]
 
 
 @torch.no_grad()
-def magnitude_gap(before: list[torch.Tensor], after: list[torch.Tensor]) -> float:
+def magnitude_gap(before: Iterable[torch.Tensor], after: Iterable[torch.Tensor]) -> float:
     """alpha = mean_c mean_s (mean_t |after[s,t,c]| / mean_t |before[s,t,c]|), in fp32."""
     m_before = torch.cat([x.float().abs().mean(dim=1) for x in before])  # [sequences, channels]
     m_after = torch.cat([x.float().abs().mean(dim=1) for x in after])

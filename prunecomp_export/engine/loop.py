@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field, replace
+from typing import Literal
 
 import torch
 from torch import nn
@@ -50,21 +51,61 @@ class Plan:
     ridge: float = 0.0
     #: how many calibration batches fit the scalar and score candidate removals (None: all)
     probe_batches: int | None = None
+    #: the metric's best candidates judged each round by the held-back loss with their compensation
+    shortlist: int = 1
+    #: calibration batches held back from the compensation's fit (None: a quarter, see ``judge_count``)
+    judge_batches: int | None = 0
+
+
+def judge_count(plan: Plan, num_batches: int) -> int:
+    """How many of ``num_batches`` calibration batches judge and check (the last ones): the recipe's
+    number, or a quarter of them (at least one, none when there is a single batch)."""
+    if plan.judge_batches is not None:
+        return plan.judge_batches
+    return 0 if num_batches < 2 else max(1, num_batches // 4)
+
+
+def check_judge_batches(plan: Plan, num_batches: int) -> None:
+    """At least one batch must remain to measure the compensation on."""
+    if plan.judge_batches is not None and plan.judge_batches >= num_batches:
+        raise RecipeError(
+            f"holds back {plan.judge_batches} of the {num_batches} calibration batches: at least one must remain "
+            "to measure the compensation on (more calibration.num_samples, a smaller calibration.batch_size, or 0)",
+            key="prune.judge_batches",
+        )
+
+
+@dataclass(frozen=True)
+class CompensationCheck:
+    """One removal's calibration loss on the judge batches (held back from the fit) with the compensation
+    as measured on the other batches, and with none. ``kept`` is what was folded: ``full``; ``half``, the
+    compensation shrunk half-way to none, where the full one raised the loss above none; or ``none``."""
+
+    kept: Literal["full", "half", "none"]
+    loss_full: float
+    loss_none: float
+    loss_half: float | None = None
 
 
 @dataclass
 class Step:
     """One removal: contiguous original layer indices, the scalar folded for them (``alpha``), the
-    paper's magnitude gap measured for them (recorded beside a fitted scalar), and the linear map
-    folded into the MLP of the last kept layer before the gap, if any."""
+    paper's magnitude gap measured for them (recorded beside a fitted scalar), the linear map
+    folded into the MLP of the last kept layer before the gap, if any, and the held-back check that
+    kept, shrank or dropped the compensation."""
 
     removed: list[int]
     alpha: float
     paper_alpha: float | None = None
     output_map: OutputMap | None = field(default=None, repr=False, compare=False)
+    check: CompensationCheck | None = None
 
     def as_fold(self) -> tuple[list[int], float, OutputMap | None]:
         return self.removed, self.alpha, self.output_map
+
+    @property
+    def compensated(self) -> bool:
+        return self.alpha != 1.0 or self.output_map is not None
 
     def to_json(self) -> dict:
         return {
@@ -72,6 +113,7 @@ class Step:
             "alpha": self.alpha,
             "paper_alpha": self.paper_alpha,
             "output_map_layer": None if self.output_map is None else self.output_map[0],
+            "check": None if self.check is None else asdict(self.check),
         }
 
 
@@ -85,6 +127,9 @@ class Round:
     calibration_loss: float
     layer_forwards: int
     full_forward_layer_forwards: int
+    #: the shortlist judged this round (original indices) and each one's loss on the judge batches
+    judged_layers: list[int] | None = None
+    judged_losses: list[float] | None = None
 
     def to_json(self) -> dict:
         data = asdict(replace(self, step=None))
@@ -102,6 +147,9 @@ class Trajectory:
     untie: bool
     dense_calibration_loss: float
     rounds: list[Round] = field(default_factory=list)
+    #: candidates judged per round, and the calibration batches held back to judge and check
+    shortlist: int = 1
+    judge_batches: int = 0
 
     @property
     def steps(self) -> list[Step]:
@@ -118,14 +166,17 @@ class Trajectory:
             "compensation": self.compensation,
             "fold_form": self.fold_form,
             "untie": self.untie,
+            "shortlist": self.shortlist,
+            "judge_batches": self.judge_batches,
             "dense_calibration_loss": self.dense_calibration_loss,
             "removed_in_order": self.removed,
             "rounds": [r.to_json() for r in self.rounds],
         }
 
 
-def make_plan(spec: PruneSpec, num_layers: int, tied: bool) -> Plan:
-    """Validate the prune section against the model's layer count (used by --dry-run too)."""
+def make_plan(spec: PruneSpec, num_layers: int, tied: bool, num_batches: int | None = None) -> Plan:
+    """Validate the prune section against the model's layer count and, when given, the number of
+    calibration batches (used by --dry-run too)."""
     try:
         metric = METRICS.get(spec.metric)
     except UnknownName as exc:
@@ -162,6 +213,10 @@ def make_plan(spec: PruneSpec, num_layers: int, tied: bool) -> Plan:
         raise RecipeError(
             "contiguous_cosine removes one contiguous block at once: set prune.schedule: one_shot", key="prune.schedule"
         )
+    if spec.shortlist > 1 and spec.judge_batches == 0:
+        raise RecipeError(
+            "judging a shortlist needs held-back batches: prune.judge_batches >= 1", key="prune.shortlist"
+        )
     untie = tied and spec.tied_embedding == "untie"
     if spec.compensation in ("none", "linear"):
         fold_form = None
@@ -171,7 +226,7 @@ def make_plan(spec: PruneSpec, num_layers: int, tied: bool) -> Plan:
         fold_form = "pre_gap"
     else:
         fold_form = spec.fold
-    return Plan(
+    plan = Plan(
         metric,
         num_layers,
         num_drop,
@@ -182,7 +237,12 @@ def make_plan(spec: PruneSpec, num_layers: int, tied: bool) -> Plan:
         spec.compensation,
         spec.ridge,
         spec.probe_batches,
+        spec.shortlist,
+        spec.judge_batches,
     )
+    if num_batches is not None:
+        check_judge_batches(plan, num_batches)
+    return plan
 
 
 def check_points(points: list[int] | str, plan: Plan, *, key: str, final_included: bool) -> None:
@@ -217,12 +277,18 @@ def prune(
     """Choose and remove ``plan.num_drop`` layers of the source model; the model is run layer by
     layer over cached calibration streams and never changed: the result is the trajectory."""
     reporter = reporter or Reporter()
+    check_judge_batches(plan, len(batches))
+    plan = replace(plan, judge_batches=judge_count(plan, len(batches)))
+    if plan.shortlist > 1 and plan.judge_batches == 0:
+        reporter.log("a single calibration batch: none can be held back to judge a shortlist; the metric decides")
+        plan = replace(plan, shortlist=1)
     dense = replace(dense_variant(plan.num_layers), untie=plan.untie)
     streams = ResidualStreams(model, batches, cache, dense)
     streams.capture(reporter)
     trajectory = Trajectory(
-        plan.metric.name, schedule, plan.compensation, plan.fold_form, plan.untie, streams.lm_loss()
-    )
+        plan.metric.name, schedule, plan.compensation, plan.fold_form, plan.untie, streams.lm_loss(),
+        shortlist=plan.shortlist, judge_batches=plan.judge_batches,
+    )  # fmt: skip
     if schedule == "one_shot":
         _one_shot(streams, plan, trajectory)
     else:
@@ -238,6 +304,8 @@ def prune(
 
 
 def _describe(step: Step) -> str:
+    if step.check is not None and step.check.kept != "full":
+        return f"{step.check.kept} of its compensation: the full one raised the held-back loss"
     if step.output_map is not None:
         return f"linear map on layer {step.output_map[0]}"
     if step.paper_alpha is not None and step.paper_alpha != step.alpha:
@@ -254,11 +322,17 @@ def _one_round(streams: ResidualStreams, plan: Plan, trajectory: Trajectory, num
     scored = list(streams.variant.kept)
     candidates = _candidates(plan, streams.variant.kept)
     scores = plan.metric.score(MetricContext(streams, candidates, _removal_probe(streams, plan)))
+    judged: dict[int, float] = {}
     if plan.drop_layers is not None:
         index = scored.index(plan.drop_layers[number])
+        step = _checked(streams, plan, index, 1, _compensate(streams, plan, index, 1))
     else:
-        index = min(candidates, key=lambda k: scores[k])
-    step = _compensate(streams, plan, index, 1)
+        shortlist = sorted(candidates, key=lambda k: scores[k])[: plan.shortlist]
+        if len(shortlist) > 1:
+            index, step, judged = _judged_choice(streams, plan, shortlist)
+        else:
+            index = shortlist[0]
+            step = _checked(streams, plan, index, 1, _compensate(streams, plan, index, 1))
     _remove(streams, plan, trajectory, index, step)
     trajectory.rounds.append(
         Round(
@@ -269,33 +343,118 @@ def _one_round(streams: ResidualStreams, plan: Plan, trajectory: Trajectory, num
             streams.lm_loss(),
             streams.layer_forwards - start,
             len(scored) * len(streams.batches),
+            [scored[k] for k in judged] or None,
+            list(judged.values()) or None,
         )
     )
 
 
+def _judge_ids(streams: ResidualStreams, plan: Plan) -> list[int]:
+    """The calibration batches held back from the compensation's fit: the last ones."""
+    count = len(streams.batches)
+    return list(range(count - judge_count(plan, count), count))
+
+
+def _fit_ids(streams: ResidualStreams, plan: Plan) -> list[int]:
+    """The calibration batches the compensation is measured or fitted on."""
+    count = len(streams.batches)
+    return list(range(count - judge_count(plan, count)))
+
+
 def _probe_batches(streams: ResidualStreams, plan: Plan) -> list[int]:
-    return list(range(len(streams.batches)))[: plan.probe_batches]
+    return _fit_ids(streams, plan)[: plan.probe_batches]
+
+
+def _judged_choice(streams: ResidualStreams, plan: Plan, shortlist: list[int]) -> tuple[int, Step, dict[int, float]]:
+    """The shortlisted layer whose removal, with its compensation measured on the fit batches, leaves
+    the lowest loss on the judge batches. All candidates run from their gap through the rest of the
+    model together (each layer read once): about one layer-forward per candidate and later layer on
+    the judge batches. A fitted scalar is judged with the paper's alpha, then fitted for the chosen
+    layer only (fitting one per candidate would multiply the cost by the scalars tried)."""
+    judge = _judge_ids(streams, plan)
+    steps = {k: _judging_step(streams, plan, k) for k in shortlist}
+    losses = streams.probe_losses([_entering(streams, k, 1, steps[k], judge) for k in shortlist], judge)
+    judged = dict(zip(shortlist, losses, strict=True))
+    index = min(shortlist, key=judged.__getitem__)
+    if plan.compensation == "fitted":
+        return index, _checked(streams, plan, index, 1, _compensate(streams, plan, index, 1)), judged
+    return index, _checked(streams, plan, index, 1, steps[index], judged[index]), judged
+
+
+def _judging_step(streams: ResidualStreams, plan: Plan, index: int) -> Step:
+    if plan.compensation == "fitted":
+        alpha = _alpha(streams, plan, index, 1, _fit_ids(streams, plan))
+        return Step(list(streams.variant.kept[index : index + 1]), alpha, alpha)
+    return _compensate(streams, plan, index, 1)
+
+
+def _entering(
+    streams: ResidualStreams, index: int, count: int, step: Step, batch_ids: list[int]
+) -> tuple[int, list[torch.Tensor]]:
+    """A probe of the step removing current layers index..index+count-1: the streams entering the
+    next layer, with the step's compensation, on ``batch_ids``. A scalar scales the stream entering
+    the gap, which is what either fold form does (up to the norm's epsilon); a map T on the MLP
+    write M of the layer before the gap adds M (T - I) to it."""
+    entering = [streams.cache.get(index, b) for b in batch_ids]
+    if step.output_map is None:
+        return index + count, [step.alpha * h for h in entering]
+    _layer, t = step.output_map
+    correction = t - torch.eye(t.shape[0], dtype=t.dtype)
+    writes = streams.mlp_writes(index - 1, batch_ids)
+    return index + count, [h + m @ correction.to(m) for h, (m, _out) in zip(entering, writes, strict=True)]
+
+
+def _checked(
+    streams: ResidualStreams, plan: Plan, index: int, count: int, step: Step, loss_full: float | None = None
+) -> Step:
+    """The step as measured on the fit batches, unless it raises the judge batches' loss above no
+    compensation at the same layers: then half of it, or none if that still does (``step.check``
+    says which and why). ``loss_full``: the step's judge loss, when a shortlist already measured it."""
+    judge = _judge_ids(streams, plan)
+    if not judge or not step.compensated:
+        return step
+    none = replace(step, alpha=1.0, output_map=None)
+    tried = [none] if loss_full is not None else [none, step]
+    losses = streams.probe_losses([_entering(streams, index, count, s, judge) for s in tried], judge)
+    loss_none = losses[0]
+    loss_full = losses[1] if loss_full is None else loss_full
+    if loss_full <= loss_none:
+        return replace(step, check=CompensationCheck("full", loss_full, loss_none))
+    half = _half(step)
+    (loss_half,) = streams.probe_losses([_entering(streams, index, count, half, judge)], judge)
+    if loss_half <= loss_none:
+        return replace(half, check=CompensationCheck("half", loss_full, loss_none, loss_half))
+    return replace(none, check=CompensationCheck("none", loss_full, loss_none, loss_half))
+
+
+def _half(step: Step) -> Step:
+    """The compensation shrunk half-way to none: the scalar 1 + (alpha - 1) / 2, the map (I + T) / 2."""
+    if step.output_map is None:
+        return replace(step, alpha=1.0 + (step.alpha - 1.0) / 2)
+    layer, t = step.output_map
+    return replace(step, output_map=(layer, (t + torch.eye(t.shape[0], dtype=t.dtype)) / 2))
 
 
 def _compensate(streams: ResidualStreams, plan: Plan, index: int, count: int) -> Step:
-    """The step removing current layers index..index+count-1, with the plan's compensation."""
+    """The step removing current layers index..index+count-1, with the plan's compensation measured
+    or fitted on the fit batches (the judge batches are held back)."""
     removed = list(streams.variant.kept[index : index + count])
+    fit = _fit_ids(streams, plan)
     if plan.compensation == "linear":
-        return Step(removed, 1.0, None, _output_map(streams, plan, index, count, list(range(len(streams.batches)))))
-    alpha = _alpha(streams, plan, index, count)
+        return Step(removed, 1.0, None, _output_map(streams, plan, index, count, fit))
+    alpha = _alpha(streams, plan, index, count, fit)
     if plan.compensation == "fitted" and alpha != 1.0:
         return Step(removed, _fitted_scalar(streams, index, count, alpha, _probe_batches(streams, plan)), alpha)
     return Step(removed, alpha, alpha if plan.fold_form is not None else None)
 
 
-def _alpha(streams: ResidualStreams, plan: Plan, index: int, count: int, batch_ids: list[int] | None = None) -> float:
-    """The gap across current layers index..index+count-1; none needed before the final norm."""
+def _alpha(streams: ResidualStreams, plan: Plan, index: int, count: int, batch_ids: list[int]) -> float:
+    """The gap across current layers index..index+count-1 on ``batch_ids``; none needed before the
+    final norm. The streams are read one batch at a time."""
     if plan.fold_form is None or index + count >= streams.num_layers:
         return 1.0
-    if batch_ids is None:
-        return magnitude_gap(streams.boundary(index), streams.boundary(index + count))
     cache = streams.cache
-    return magnitude_gap([cache.get(index, b) for b in batch_ids], [cache.get(index + count, b) for b in batch_ids])
+    return magnitude_gap((cache.get(index, b) for b in batch_ids), (cache.get(index + count, b) for b in batch_ids))
 
 
 def _fitted_scalar(streams: ResidualStreams, index: int, count: int, alpha: float, batch_ids: list[int]) -> float:
@@ -408,7 +567,10 @@ def _one_shot(streams: ResidualStreams, plan: Plan, trajectory: Trajectory) -> N
         chosen = list(range(first, first + plan.num_drop))
     else:
         chosen = one_shot_choice(plan, scores, candidates)
-    steps = [_compensate(streams, plan, run[0], len(run)) for run in _contiguous_runs(chosen)]
+    steps = [
+        _checked(streams, plan, run[0], len(run), _compensate(streams, plan, run[0], len(run)))
+        for run in _contiguous_runs(chosen)
+    ]
     streams.variant = variant_of("prunecomp", plan, steps)
     streams.capture()
     for number, step in enumerate(steps):

@@ -9,7 +9,7 @@ one (pre-gap fold, up to the RMSNorm epsilon), which the cache records as a fact
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -167,3 +167,51 @@ def token_nll(logits_of, hidden: torch.Tensor, input_ids: torch.Tensor, chunk: i
         logits = logits_of(positions[start : start + chunk])
         total += F.cross_entropy(logits.float(), targets[start : start + chunk], reduction="sum").item()
     return total, targets.numel()
+
+
+@dataclass(frozen=True)
+class Divergence:
+    """How far a model's next-token distributions moved from the dense model's, over the tokens of a
+    corpus: mean KL(dense || model) per token in nats, its 90th and 99th percentiles, and the share of
+    tokens whose most likely next token is the dense model's (llama.cpp's ``--kl-divergence`` figures)."""
+
+    mean_kl: float
+    p90_kl: float
+    p99_kl: float
+    top1_agreement: float
+    tokens: int
+
+    @classmethod
+    def of_tokens(cls, kl: torch.Tensor, agree: torch.Tensor) -> Divergence:
+        """From every token's KL (nats) and whether its top-1 token is the dense model's."""
+        kl = kl.double()
+        p90, p99 = torch.quantile(kl, torch.tensor([0.9, 0.99], dtype=kl.dtype)).tolist()
+        return cls(kl.mean().item(), p90, p99, agree.double().mean().item(), kl.numel())
+
+
+def token_divergence(
+    dense_logits_of: Callable[[torch.Tensor], torch.Tensor],
+    logits_of: Callable[[torch.Tensor], torch.Tensor],
+    dense_hidden: torch.Tensor,
+    hidden: torch.Tensor,
+    chunk: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per next-token position: KL(dense || model) in nats (fp32), and whether both models' most
+    likely token is the same. ``chunk`` is the engine's chunk of the head's output (the memory plan
+    sizes it for ``memory.ENGINE_LOGIT_COPIES`` fp32 copies): both heads' log-probabilities are made
+    for half of it at a time and their difference is taken in place, so that at most the plan's
+    copies of ``chunk`` tokens exist at once and the vocabulary's log-probabilities are never held
+    for more than one chunk."""
+    width = hidden.shape[-1]
+    dense_positions = dense_hidden.to(hidden.device)[:, :-1].reshape(-1, width)
+    positions = hidden[:, :-1].reshape(-1, width)
+    step = max(1, chunk // 2)
+    kls, agreements = [], []
+    for start in range(0, positions.shape[0], step):
+        dense_log_p = F.log_softmax(dense_logits_of(dense_positions[start : start + step]), dim=-1, dtype=torch.float32)
+        log_q = F.log_softmax(logits_of(positions[start : start + step]), dim=-1, dtype=torch.float32)
+        agreements.append((dense_log_p.argmax(dim=-1) == log_q.argmax(dim=-1)).cpu())
+        difference = log_q.neg_().add_(dense_log_p)  # log p - log q, in log_q's memory
+        kls.append(difference.mul_(dense_log_p.exp_()).sum(dim=-1).clamp_min(0.0).cpu())
+        del dense_log_p, log_q, difference
+    return torch.cat(kls), torch.cat(agreements)

@@ -10,6 +10,7 @@ import os
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING
 
+from prunecomp_export.engine.streams import Divergence
 from prunecomp_export.engine.variant import Variant
 from prunecomp_export.errors import RecipeError
 from prunecomp_export.progress import Reporter
@@ -25,13 +26,20 @@ VARIANTS = ("dense", "baseline", "prunecomp")
 #: token-level perplexity with the paper's protocol; lm-evaluation-harness's ``wikitext`` task reports
 #: word and byte perplexity per document, a different number
 PPL_PROTOCOL = "token perplexity: joined with '\\n\\n', tokenized once, non-overlapping windows, exp(mean NLL)"
+#: how the pruned models' token distributions are compared with the dense model's (the same windows)
+DIVERGENCE_PROTOCOL = (
+    "per next-token position of the perplexity windows: KL(dense || model) in nats over the whole vocabulary "
+    "(mean, 90th and 99th percentiles) and top-1 agreement (both argmax tokens equal); the dense model's "
+    "streams entering the final norm are stored once per corpus with the dense results, and both heads run "
+    "over chunks of positions within the memory plan: exact, no vocabulary truncation"
+)
 
 
 @dataclass
 class Measurement:
     variant: str  # dense | baseline | prunecomp
     layers_removed: int
-    kind: str  # perplexity | accuracy
+    kind: str  # perplexity | accuracy | kl_divergence | top1_agreement
     dataset: str
     value: float
     details: dict = field(default_factory=dict)
@@ -50,6 +58,8 @@ class Evaluator:
         #: the run's memory plan: where QA's child loads the model (None: whole, on the engine's device)
         self.memory = memory
         self.windows = {}
+        #: per corpus, the dense model's streams entering the final norm, per batch (host memory)
+        self.dense_finals: dict[str, list] = {}
         if spec.perplexity is not None:
             for index, name in enumerate(spec.perplexity.corpora):
                 key = f"evaluation.perplexity.corpora.{index}"
@@ -75,6 +85,7 @@ class Evaluator:
                 "seq_len": spec.perplexity.seq_len,
                 "windows": {name: int(w.shape[0]) for name, w in self.windows.items()},
                 "note": "token-level perplexity; lm-eval's wikitext task reports word perplexity, a different number",
+                "divergence": DIVERGENCE_PROTOCOL,
             },
             "qa": None if spec.qa is None else self._qa_protocol(),
         }
@@ -105,11 +116,33 @@ class Evaluator:
     def perplexities(self, variants: ModelVariants, variant: Variant) -> list[Measurement]:
         rows = []
         k = variant.layers_removed
+        details = _details(variant)
+        dense = variant.name == "dense"
         for name, windows in self.windows.items():
-            value = variants.perplexity(variant, windows, self.spec.perplexity.batch_size)
-            self.reporter.log(f"{variant.name} ({k} removed) perplexity on {name}: {value:.2f}")
-            rows.append(Measurement(variant.name, k, "perplexity", name, value, _details(variant)))
+            reference = None if dense else self.dense_finals.get(name)
+            figures = variants.window_figures(variant, windows, self.spec.perplexity.batch_size, reference)
+            if dense:
+                self.dense_finals[name] = [hidden.cpu() for hidden in figures.finals]
+            self.reporter.log(f"{variant.name} ({k} removed) perplexity on {name}: {figures.perplexity:.2f}")
+            rows.append(Measurement(variant.name, k, "perplexity", name, figures.perplexity, dict(details)))
+            if figures.divergence is not None:
+                rows += self._divergence_rows(variant, name, figures.divergence, details)
         return rows
+
+    def _divergence_rows(self, variant: Variant, name: str, divergence: Divergence, details: dict) -> list[Measurement]:
+        k = variant.layers_removed
+        self.reporter.log(
+            f"{variant.name} ({k} removed) on {name}: KL from dense {divergence.mean_kl:.4f} nats/token "
+            f"(p99 {divergence.p99_kl:.3f}), top-1 agreement {100 * divergence.top1_agreement:.1f} %"
+        )
+        spread = {"p90": divergence.p90_kl, "p99": divergence.p99_kl, "tokens": divergence.tokens}
+        return [
+            Measurement(variant.name, k, "kl_divergence", name, divergence.mean_kl, {**details, **spread}),
+            Measurement(
+                variant.name, k, "top1_agreement", name, divergence.top1_agreement,
+                {**details, "tokens": divergence.tokens},
+            ),
+        ]  # fmt: skip
 
     def accuracies(self, variants: ModelVariants, variant: Variant) -> list[Measurement]:
         """lm-eval scores the checkpoint as users will load it: a plain directory on disk."""
@@ -122,8 +155,11 @@ class Evaluator:
         k = variant.layers_removed
         for task, score in qa.task_scores(child.value).items():
             self.reporter.log(f"{variant.name} ({k} removed) accuracy on {task}: {score['acc']:.3f}")
-            details = {**_details(variant), "n": score["n"], "stderr": score["acc_stderr"], "chance": score["chance"]}
-            rows.append(Measurement(variant.name, k, "accuracy", task, score["acc"], details))
+            row_details = {
+                **_details(variant), "n": score["n"], "stderr": score["acc_stderr"], "chance": score["chance"],
+                "correct": score["correct"], "questions_sha256": score["questions_sha256"],
+            }  # fmt: skip
+            rows.append(Measurement(variant.name, k, "accuracy", task, score["acc"], row_details))
         return rows
 
     def qa_request(self, variants: ModelVariants, variant: Variant, directory):
@@ -170,8 +206,9 @@ def _details(variant: Variant) -> dict:
 
 
 class DenseCache:
-    """The dense model's measurements, keyed by the source model's hash and the evaluation protocol,
-    so re-runs (e.g. with another pruning amount) don't pay for them twice."""
+    """The dense model's measurements and its streams entering the final norm on each perplexity
+    corpus (the reference of the divergence figures), keyed by the source model's hash and the
+    evaluation protocol, so re-runs (e.g. with another pruning amount) don't pay for them twice."""
 
     def __init__(self, model_sha256: str | None, protocol: dict, enabled: bool):
         self.path = None
@@ -179,15 +216,40 @@ class DenseCache:
             key = hashlib.sha256(json.dumps([model_sha256, protocol], sort_keys=True).encode()).hexdigest()[:24]
             self.path = cache_root() / "dense" / f"{key}.json"
 
-    def load(self) -> list[Measurement] | None:
-        if self.path is None or not self.path.is_file():
-            return None
-        return [Measurement(**row) for row in json.loads(self.path.read_text())]
+    @property
+    def streams_path(self):
+        return self.path.with_suffix(".streams.safetensors")
 
-    def store(self, rows: list[Measurement]) -> None:
+    def load(self, corpora: list[str]) -> tuple[list[Measurement], dict[str, list]] | None:
+        """The rows and, per corpus, the final-norm streams per batch; None unless both are stored."""
+        if self.path is None or not self.path.is_file() or not self.streams_path.is_file():
+            return None
+        from safetensors.torch import load_file
+
+        stored = load_file(self.streams_path)
+        finals = {name: _batches_of(stored, index) for index, name in enumerate(corpora)}
+        rows = [Measurement(**row) for row in json.loads(self.path.read_text())]
+        return rows, finals
+
+    def store(self, rows: list[Measurement], finals: dict[str, list]) -> None:
         if self.path is None:
             return
+        from safetensors.torch import save_file
+
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        tensors = {
+            f"corpus{index}.batch{b}": hidden.contiguous()
+            for index, batches in enumerate(finals.values())
+            for b, hidden in enumerate(batches)
+        }
+        staging = self.streams_path.with_suffix(f".tmp-{os.getpid()}")
+        save_file(tensors, staging)
+        os.replace(staging, self.streams_path)
         staging = self.path.with_suffix(f".tmp-{os.getpid()}")
         staging.write_text(json.dumps([row.to_json() for row in rows]))
         os.replace(staging, self.path)
+
+
+def _batches_of(stored: dict, index: int) -> list:
+    count = sum(1 for key in stored if key.startswith(f"corpus{index}."))
+    return [stored[f"corpus{index}.batch{b}"] for b in range(count)]

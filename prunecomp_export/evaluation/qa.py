@@ -42,12 +42,16 @@ DEFAULT_KEY = "evaluation.qa.tasks"
 
 
 class TaskScore(TypedDict):
-    """One task's result: accuracy, its standard error, questions scored and the chance level."""
+    """One task's result: accuracy, its standard error, questions scored and the chance level, and each
+    question's result (1 right, 0 wrong; ordered by task and lm-eval's doc id) with a hash of which
+    questions they are, so two models' results on the same questions can be paired."""
 
     acc: float
     acc_stderr: float | None
     n: int
     chance: float
+    correct: list[int]
+    questions_sha256: str
 
 
 # ----------------------------------------------------------------------------------------- offline data
@@ -372,12 +376,21 @@ def _score(name: str, output: dict[str, Any]) -> TaskScore:
     samples = [sample for leaf in leaves for sample in output["samples"].get(leaf, [])]
     stderr = metrics.get("acc_stderr,none")
     stderr = float(stderr) if isinstance(stderr, (int, float)) and math.isfinite(stderr) else None
+    by_question = sorted(
+        (
+            (leaf, int(sample["doc_id"]), int(sample["acc"]))
+            for leaf in leaves
+            for sample in output["samples"].get(leaf, [])
+        ),
+    )
     return {
         "acc": float(metrics["acc,none"]),
         "acc_stderr": stderr,
         "n": len(samples),
         # 1 / (number of choices), averaged over the questions scored (ARC has 3 to 5 choices).
         "chance": sum(1.0 / len(sample["arguments"]) for sample in samples) / len(samples) if samples else 0.0,
+        "correct": [right for _leaf, _doc, right in by_question],
+        "questions_sha256": hashlib.sha256(json.dumps([q[:2] for q in by_question]).encode()).hexdigest()[:16],
     }
 
 

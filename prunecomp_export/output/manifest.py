@@ -77,6 +77,17 @@ class SourceModel(_Record):
     hashed_files: list[str] = Field(description="The files the sha256 covers, by name.")
 
 
+class CompensationCheck(_Record):
+    """The removal's calibration loss on the batches held back from the compensation's fit, with the
+    compensation as measured, with none, and with half of it (tried only when the full one raised the
+    loss); ``kept`` is what was folded (``engine.loop.CompensationCheck``)."""
+
+    kept: Literal["full", "half", "none"]
+    loss_full: FiniteFloat
+    loss_none: FiniteFloat
+    loss_half: FiniteFloat | None = None
+
+
 class Removal(_Record):
     """One removal of the pruning loop (``engine.loop.Step.to_json``)."""
 
@@ -84,6 +95,11 @@ class Removal(_Record):
     alpha: FiniteFloat = Field(gt=0, description="The scalar folded for them.")
     paper_alpha: FiniteFloat | None = Field(gt=0, description="The paper's magnitude gap, beside a fitted scalar.")
     output_map_layer: int | None = Field(ge=0, description="The layer whose MLP carries a linear map.")
+    check: CompensationCheck | None = Field(
+        None,
+        description="The held-back check that kept, halved or dropped the compensation (null: none to check, "
+        "prune.judge_batches 0, or an output written before the check existed).",
+    )
 
 
 class ReloadCheck(_Record):

@@ -33,29 +33,59 @@ def _rows(results: RunResults, kind: str) -> list[MeasurementRow]:
     return [r for r in results.measurements if r.kind == kind]
 
 
+MEASURES = {
+    "perplexity": "token perplexity",
+    "kl_divergence": "KL(dense ‖ model), nats/token",
+    "top1_agreement": "top-1 agreement with dense",
+    "accuracy": "accuracy (0-shot)",
+}
+#: what the dense model is against itself, by definition (the reference of the divergence figures)
+DENSE_REFERENCE = {"kl_divergence": "0 (reference)", "top1_agreement": "100 % (reference)"}
+SUMMARY_NOTE = (
+    "KL and top-1 agreement: every next-token position of the perplexity windows, against the dense model "
+    "(p90/p99: percentiles of the per-token KL). Accuracy ± lm-eval's standard error; Δ: the difference to "
+    "the dense model in points with its 95 % interval, paired over the same questions."
+)
+
+
+def cell(row: MeasurementRow) -> str:
+    """One figure as the summary table shows it, with its spread or uncertainty."""
+    if row.kind == "perplexity":
+        return f"{row.value:.2f}"
+    if row.kind == "kl_divergence":
+        return f"{row.value:.4f} (p90 {row.details['p90']:.3f}, p99 {row.details['p99']:.3f})"
+    if row.kind == "top1_agreement":
+        return f"{100 * row.value:.1f} %"
+    text = f"{100 * row.value:.1f} %"
+    if row.details.get("stderr") is not None:
+        text += f" ± {100 * row.details['stderr']:.1f}"
+    if (difference := row.details.get("difference_to_dense")) is not None:
+        text += f", Δ {difference['points']:+.1f} ± {difference['ci95']:.1f}"
+    return text
+
+
 def summary_table(results: RunResults) -> tuple[list[str], list[list[str]]]:
-    """One row per dataset: dense, baseline and Prune&Comp at the final number of removed layers."""
+    """One row per measure and dataset: dense, baseline and Prune&Comp at the final number of removed layers."""
     final = results.model.layers_removed
     header = ["measure", "dataset", "dense", LABELS["baseline"], LABELS["prunecomp"]]
     table = []
-    for kind in ("perplexity", "accuracy"):
+    for kind, label in MEASURES.items():
         datasets = list(dict.fromkeys(r.dataset for r in _rows(results, kind)))
         for dataset in datasets:
             cells = []
             for variant in ("dense", "baseline", "prunecomp"):
                 layers = 0 if variant == "dense" else final
-                value = next(
+                row = next(
                     (
-                        r.value
+                        r
                         for r in _rows(results, kind)
                         if r.dataset == dataset and r.variant == variant and r.layers_removed == layers
                     ),
                     None,
                 )
-                cells.append(
-                    "" if value is None else (f"{value:.2f}" if kind == "perplexity" else f"{100 * value:.1f} %")
-                )
-            table.append(["token perplexity" if kind == "perplexity" else "accuracy (0-shot)", dataset, *cells])
+                reference = DENSE_REFERENCE.get(kind, "") if variant == "dense" else ""
+                cells.append(reference if row is None else cell(row))
+            table.append([label, dataset, *cells])
     return header, table
 
 
@@ -82,12 +112,12 @@ def render_markdown(results: RunResults) -> str:
     header, table = summary_table(results)
     lines += ["", "## Accuracy", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in table]
-    kept = results.summary
     ppl_protocol = results.protocol["perplexity"]
     lines += [
         "",
-        f"Accuracy kept (mean over QA tasks, % of dense): Prune&Comp {_fmt(kept.accuracy_kept_percent)}, "
-        f"baseline {_fmt(kept.baseline_accuracy_kept_percent)}.",
+        accuracy_kept_line(results),
+        "",
+        SUMMARY_NOTE,
         "",
         f"Perplexity: {ppl_protocol['protocol'] if ppl_protocol else 'not measured'}."
         " This is token-level perplexity; lm-evaluation-harness's `wikitext` task reports word perplexity.",
@@ -99,7 +129,8 @@ def render_markdown(results: RunResults) -> str:
     ]
     for r in trajectory.rounds:
         loss = "" if r.calibration_loss is None else f"{r.calibration_loss:.4f}"
-        compensation = compensation_text(r.step.alpha, r.step.paper_alpha, r.step.output_map_layer)
+        kept = None if r.step.check is None else r.step.check.kept
+        compensation = compensation_text(r.step.alpha, r.step.paper_alpha, r.step.output_map_layer, kept)
         lines.append(f"| {r.round} | {', '.join(map(str, r.step.removed))} | {compensation} | {loss} |")
     lines += ["", "## Deployed targets", "", *targets_markdown(results)]
     if results.bench:
@@ -238,9 +269,31 @@ def _gb(size: int | None) -> str:
     return _fmt(None if size is None else size / GB, ".2f")
 
 
-def compensation_text(alpha: float, paper_alpha: float | None, output_map_layer: int | None) -> str:
+def accuracy_kept_line(results: RunResults) -> str:
+    """Accuracy kept of Prune&Comp and the baseline, each with its paired 95 % interval."""
+    summary = results.summary
+
+    def kept(value: float | None, margin: float | None) -> str:
+        return _fmt(value) + ("" if value is None or margin is None else f" % ± {margin:.1f}")
+
+    return (
+        "Accuracy kept (mean over QA tasks, % of dense, 95 % interval paired over the same questions): "
+        f"Prune&Comp {kept(summary.accuracy_kept_percent, summary.accuracy_kept_margin)}, "
+        f"baseline {kept(summary.baseline_accuracy_kept_percent, summary.baseline_accuracy_kept_margin)}."
+    )
+
+
+def compensation_text(
+    alpha: float, paper_alpha: float | None, output_map_layer: int | None, kept: str | None = None
+) -> str:
     """One removal's compensation: the scalar folded (with the paper's alpha beside a fitted one), or
-    the layer whose down projection carries the linear map."""
+    the layer whose down projection carries the linear map, and what the held-back check kept."""
+    if kept in ("half", "none"):
+        measured = "map" if paper_alpha is None else f"alpha {paper_alpha:.4f}"
+        folded = (
+            "" if kept == "none" else (f" {alpha:.4f}" if output_map_layer is None else f" on layer {output_map_layer}")
+        )
+        return f"{kept}{folded} ({measured} raised the held-back loss)"
     if output_map_layer is not None:
         return f"map on layer {output_map_layer}"
     if paper_alpha is not None and paper_alpha != alpha:
@@ -368,6 +421,8 @@ def plots(results: RunResults) -> dict[str, bytes]:
         ax.set(xlabel="layers removed", ylabel="perplexity / dense", title="Held-out token perplexity")
         ax.legend(fontsize=7)
         images["perplexity"] = _png(fig)
+    if any(r.kind == "kl_divergence" for r in rows) and points:
+        images["divergence"] = divergence_plot(rows)
     if any(r.kind == "accuracy" for r in rows) and points:
         fig, ax = plt.subplots(figsize=(6.4, 4))
         for variant, style in (("prunecomp", "-o"), ("baseline", "--s")):
@@ -381,6 +436,35 @@ def plots(results: RunResults) -> dict[str, bytes]:
     if results.bench:
         images.update(bench_plots(results, rows))
     return images
+
+
+def figure_curve(rows: list[MeasurementRow], kind: str, variant: str, corpus_name: str) -> list[tuple[int, float]]:
+    """(layers removed, figure) of a divergence measure, from the dense model (KL 0, agreement 1)."""
+    curve = sorted(
+        (r.layers_removed, r.value) for r in rows if (r.kind, r.variant, r.dataset) == (kind, variant, corpus_name)
+    )
+    return [(0, 0.0 if kind == "kl_divergence" else 1.0), *curve]
+
+
+def divergence_plot(rows: list[MeasurementRow]) -> bytes:
+    """Mean KL from the dense model and top-1 agreement versus layers removed, side by side."""
+    import matplotlib.pyplot as plt
+
+    corpora = list(dict.fromkeys(r.dataset for r in rows if r.kind == "kl_divergence"))
+    fig, (kl_axis, top1_axis) = plt.subplots(1, 2, figsize=(9.6, 4))
+    for corpus_name in corpora:
+        for variant, style in (("prunecomp", "-o"), ("baseline", "--s")):
+            label = f"{LABELS[variant]} — {Path(corpus_name).name}"
+            kl = figure_curve(rows, "kl_divergence", variant, corpus_name)
+            top1 = figure_curve(rows, "top1_agreement", variant, corpus_name)
+            if len(kl) > 1:
+                kl_axis.plot(*zip(*kl, strict=True), style, label=label)
+            if len(top1) > 1:
+                top1_axis.plot(*zip(*[(k, 100 * v) for k, v in top1], strict=True), style, label=label)
+    kl_axis.set(xlabel="layers removed", ylabel="mean KL(dense ‖ model), nats/token", title="Divergence from dense")
+    top1_axis.set(xlabel="layers removed", ylabel="top-1 agreement with dense (%)", title="Top-1 agreement")
+    kl_axis.legend(fontsize=7)
+    return _png(fig)
 
 
 def bench_plots(results: RunResults, rows: list[MeasurementRow]) -> dict[str, bytes]:
@@ -475,7 +559,8 @@ def render_html(results: RunResults) -> str:
         "</table><h2>Accuracy</h2><table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr>"
     )
     parts += ["<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in table]
-    parts.append("</table>")
+    parts.append(f"</table><p id='accuracy-kept'>{html.escape(accuracy_kept_line(results))}</p>")
+    parts.append(f"<p><small>{html.escape(SUMMARY_NOTE)}</small></p>")
     parts += targets_html(results)
     if results.bench:
         bench_header, bench_rows = bench_table(results.bench)

@@ -37,15 +37,28 @@ class ModelInfo(_Strict):
     layers_removed: int = Field(ge=1)
 
 
+class CompensationCheck(_Strict):
+    """``engine.CompensationCheck``: the removal's calibration loss on the judge batches (held back
+    from the compensation's fit) with the full compensation, with none, and with half of it (tried
+    only when the full one raised the loss); ``kept`` is what was folded."""
+
+    kept: Literal["full", "half", "none"]
+    loss_full: float
+    loss_none: float
+    loss_half: float | None = None
+
+
 class TrajectoryStep(_Strict):
     """One removal: contiguous original layer indices, the scalar folded for them, the paper's
-    magnitude gap measured for them (None without scalar compensation) and the layer whose MLP
-    output carries a linear compensation map (None without one)."""
+    magnitude gap measured for them (None without scalar compensation), the layer whose MLP
+    output carries a linear compensation map (None without one) and the held-back check of the
+    compensation (None where there was none to check)."""
 
     removed: list[int] = Field(min_length=1)
     alpha: float = Field(gt=0)
     paper_alpha: float | None = Field(None, gt=0)
     output_map_layer: int | None = Field(None, ge=0)
+    check: CompensationCheck | None = None
 
 
 class TrajectoryRound(_Strict):
@@ -58,6 +71,9 @@ class TrajectoryRound(_Strict):
     calibration_loss: float | None
     layer_forwards: int
     full_forward_layer_forwards: int
+    #: the shortlist judged this round (original indices) and each one's loss on the judge batches
+    judged_layers: list[int] | None = None
+    judged_losses: list[float] | None = None
 
 
 class TrajectoryInfo(_Strict):
@@ -68,6 +84,9 @@ class TrajectoryInfo(_Strict):
     compensation: Literal["magnitude", "fitted", "linear", "none"]
     fold_form: Literal["pre_gap", "post_gap"] | None
     untie: bool
+    #: candidates judged per round by their held-back loss, and the calibration batches held back
+    shortlist: int = Field(1, ge=1)
+    judge_batches: int = Field(0, ge=0)
     dense_calibration_loss: float
     removed_in_order: list[int]
     rounds: list[TrajectoryRound] = Field(min_length=1)
@@ -78,7 +97,9 @@ class MeasurementRow(_Strict):
 
     variant: Variant
     layers_removed: int = Field(ge=0)
-    kind: Literal["perplexity", "accuracy"]
+    #: kl_divergence: mean KL(dense || model) per token in nats (details: p90, p99, tokens);
+    #: top1_agreement: share of tokens whose top-1 token is the dense model's
+    kind: Literal["perplexity", "accuracy", "kl_divergence", "top1_agreement"]
     dataset: str
     value: float
     details: dict[str, Any] = {}
@@ -91,14 +112,33 @@ class Summary(_Strict):
     baseline_perplexity_ratio: dict[str, float]
     accuracy_kept_percent: float | None
     baseline_accuracy_kept_percent: float | None
+    #: half-widths of the 95 % intervals of the accuracy kept, paired over the same questions
+    accuracy_kept_margin: float | None = None
+    baseline_accuracy_kept_margin: float | None = None
+    #: per corpus: mean KL(dense || model) per token (nats) and top-1 agreement with the dense model (%)
+    kl_divergence: dict[str, float] = {}
+    baseline_kl_divergence: dict[str, float] = {}
+    top1_agreement_percent: dict[str, float] = {}
+    baseline_top1_agreement_percent: dict[str, float] = {}
 
 
 class SignoffCheck(_Strict):
-    name: Literal["min_accuracy_kept", "max_perplexity_ratio", "min_speedup", "target_parity"]
+    name: Literal[
+        "min_accuracy_kept",
+        "max_perplexity_ratio",
+        "min_speedup",
+        "max_kl_divergence",
+        "min_top1_agreement",
+        "target_parity",
+    ]
     threshold: float
     value: float | None
     passed: bool
     detail: str
+    #: half-width of the value's 95 % confidence interval, where it has one (accuracy kept)
+    margin: float | None = None
+    #: the threshold lies inside that interval: the measurement cannot tell pass from fail
+    inside_noise: bool = False
 
 
 class Signoff(_Strict):
@@ -259,8 +299,9 @@ def deployed_targets(records: dict[str, dict]) -> list[TargetParity]:
 def read_results(path: Path) -> RunResults:
     """An output's results.json. One of an older schema reads as this one where this one only added
     fields an older output can lack: schema 4 added ``targets``, filled by whoever rewrites the file;
-    schema 5 lists each stage's child processes (an older file's one child peak becomes one entry) and
-    the memory plan (none in an older file)."""
+    schema 5 lists each stage's child processes (an older file's one child peak becomes one entry), the
+    memory plan (none in an older file), the held-back compensation checks, the judged shortlists, the
+    dense-relative divergence rows and the accuracy intervals (all optional)."""
     raw = json.loads(path.read_text())
     if isinstance(raw, dict) and raw.get("schema") in OLDER_SCHEMAS:
         raw = {**raw, "schema": SCHEMA, "targets": raw.get("targets", []), "memory_plan": raw.get("memory_plan")}

@@ -29,6 +29,12 @@ def print_dry_run(result: DryRunResult, console: Console) -> None:
     table.add_row("metric", plan.metric.name)
     table.add_row("protected layers", ", ".join(map(str, sorted(plan.protected))) or "none")
     table.add_row("tied embeddings", "yes" if result.tied_embeddings else "no")
+    table.add_row(
+        "shortlist",
+        f"{plan.shortlist} (judged on held-back batches)" if plan.shortlist > 1 else "1 (the metric decides)",
+    )
+    judge = "a quarter of the batches" if plan.judge_batches is None else str(plan.judge_batches)
+    table.add_row("held-back batches", judge + (" (no check)" if plan.judge_batches == 0 else ""))
     table.add_row("compensation", plan.compensation)
     table.add_row("compensation fold", plan.fold_form or "none" + (" (untied first)" if plan.untie else ""))
     table.add_row("targets", ", ".join(result.targets))
@@ -61,7 +67,12 @@ def print_run(result: RunResult, console: Console) -> None:
         rounds.add_row(
             str(r.round),
             ", ".join(map(str, r.step.removed)),
-            compensation_text(r.step.alpha, r.step.paper_alpha, r.step.output_map[0] if r.step.output_map else None),
+            compensation_text(
+                r.step.alpha,
+                r.step.paper_alpha,
+                r.step.output_map[0] if r.step.output_map else None,
+                None if r.step.check is None else r.step.check.kept,
+            ),
             loss,
             str(r.layer_forwards),
             f"{share:.2f}x" if r.layer_forwards else "",
