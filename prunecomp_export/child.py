@@ -155,7 +155,7 @@ def interrupting_signals() -> Iterator[None]:
 _RECEIVED: list[int] = []
 
 
-def raise_if_interrupted() -> None:
+def _raise_if_interrupted() -> None:
     """Raise the ``KeyboardInterrupt`` of a signal received under ``interrupting_signals`` again.
 
     Python raises a handler's exception wherever the main thread is; when that is a finalizer or a
@@ -185,16 +185,16 @@ def _start(cmd: Sequence[str], env: dict[str, str], output: IO[bytes] | int | No
     return proc
 
 
-def _wait(proc: subprocess.Popen, timeout_s: float | None) -> None:
-    """``proc.wait(timeout_s)`` in slices of at most a second, raising a signal's interrupt that Python
-    dropped (``raise_if_interrupted``) between them."""
+def wait_interruptibly(proc: subprocess.Popen, timeout_s: float | None = None) -> int:
+    """``proc.wait(timeout_s)``, its exit code, in slices of at most a second, raising a signal's
+    interrupt that Python dropped (``_raise_if_interrupted``) between them: every wait of the run on a
+    process goes through here."""
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     while True:
-        raise_if_interrupted()
+        _raise_if_interrupted()
         left = None if deadline is None else deadline - time.monotonic()
         try:
-            proc.wait(timeout=1.0 if left is None else max(0.0, min(1.0, left)))
-            return
+            return proc.wait(timeout=1.0 if left is None else max(0.0, min(1.0, left)))
         except subprocess.TimeoutExpired:
             if left is not None and left <= 1.0:
                 raise
@@ -400,7 +400,7 @@ def run_child(request: ChildRequest) -> ChildResult:
                 tee.start()
                 try:
                     with TreeSampler(proc.pid) as sampler:
-                        _wait(proc, request.timeout_s)
+                        wait_interruptibly(proc, request.timeout_s)
                 except subprocess.TimeoutExpired:
                     stop_group(proc)
                     raise ChildFailed(f"{request.name} took over {request.timeout_s:g} s", log_path) from None
