@@ -42,7 +42,7 @@ def write_wrong_models(out: Path, work: Path) -> dict[str, Path]:
     if not (no_comp / "config.json").is_file():
         source = source_directory(output, print)
         config = AutoConfig.from_pretrained(source)
-        removed = [step["removed"] for step in output.manifest["removed"]]
+        removed = [step.removed for step in output.manifest.removed]
         variant = variant_after("no-compensation", config.num_hidden_layers, [(r, 1.0) for r in removed], None)
         write_variant_checkpoint(SafetensorsCheckpoint(source), config, adapter_for(config), variant, no_comp)
     models["no compensation"] = no_comp

@@ -138,14 +138,31 @@ def interrupting_signals() -> Iterator[None]:
         return
 
     def interrupt(signum: int, frame: FrameType | None) -> Any:
+        _RECEIVED.append(signum)
         raise KeyboardInterrupt(f"signal {signum}")
 
+    received_before = len(_RECEIVED)
     previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         yield
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+        del _RECEIVED[received_before:]
+
+
+#: signals received under ``interrupting_signals``, in order
+_RECEIVED: list[int] = []
+
+
+def _raise_if_interrupted() -> None:
+    """Raise the ``KeyboardInterrupt`` of a signal received under ``interrupting_signals`` again.
+
+    Python raises a handler's exception wherever the main thread is; when that is a finalizer or a
+    weakref callback (a psutil object being collected), the exception is printed and dropped. A loop
+    that waits calls this, so such a signal still stops the run."""
+    if _RECEIVED:
+        raise KeyboardInterrupt(f"signal {_RECEIVED[-1]}")
 
 
 # ------------------------------------------------------------------------------------- processes
@@ -166,6 +183,21 @@ def _start(cmd: Sequence[str], env: dict[str, str], output: IO[bytes] | int | No
     with _LIVE_LOCK:
         _LIVE.add(proc)
     return proc
+
+
+def wait_interruptibly(proc: subprocess.Popen, timeout_s: float | None = None) -> int:
+    """``proc.wait(timeout_s)``, its exit code, in slices of at most a second, raising a signal's
+    interrupt that Python dropped (``_raise_if_interrupted``) between them: every wait of the run on a
+    process goes through here."""
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    while True:
+        _raise_if_interrupted()
+        left = None if deadline is None else deadline - time.monotonic()
+        try:
+            return proc.wait(timeout=1.0 if left is None else max(0.0, min(1.0, left)))
+        except subprocess.TimeoutExpired:
+            if left is not None and left <= 1.0:
+                raise
 
 
 def _signal_group(proc: subprocess.Popen, sig: int) -> None:
@@ -368,7 +400,7 @@ def run_child(request: ChildRequest) -> ChildResult:
                 tee.start()
                 try:
                     with TreeSampler(proc.pid) as sampler:
-                        proc.wait(timeout=request.timeout_s)
+                        wait_interruptibly(proc, request.timeout_s)
                 except subprocess.TimeoutExpired:
                     stop_group(proc)
                     raise ChildFailed(f"{request.name} took over {request.timeout_s:g} s", log_path) from None

@@ -123,6 +123,27 @@ def test_a_signal_to_the_parent_stops_the_child_and_everything_it_started(tmp_pa
         assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_a_signal_whose_interrupt_python_dropped_still_stops_the_child(tmp_path):
+    """A signal that lands while a finalizer runs: Python prints the handler's KeyboardInterrupt and
+    drops it (seen under load: in a psutil object's weakref callback). The runner's wait raises it
+    again rather than waiting for the child to finish."""
+
+    class SignalledWhileCollected:
+        def __del__(self):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.5)  # the handler runs here, inside the finalizer, and its exception is dropped
+
+    pid_file = tmp_path / "pids"
+    started = time.monotonic()
+    with pytest.raises(KeyboardInterrupt), interrupting_signals():
+        SignalledWhileCollected()  # collected at once
+        run("spawn_sleeper", pid_file=str(pid_file))
+    assert time.monotonic() - started < 30  # the sleeper sleeps far longer
+    for pid in map(int, pid_file.read_text().split()) if pid_file.exists() else ():
+        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+
+
 def test_output_is_passed_through_and_the_log_of_a_success_removed(capfd, tmp_path):
     result = run("chatter", lines=["step 1/3", "step 2/3", "step 3/3"])
     assert result.value == 3

@@ -37,7 +37,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from prunecomp_export.child import Spawned, log_path_for, spawned
+from prunecomp_export.child import Spawned, log_path_for, spawned, wait_interruptibly
 from prunecomp_export.errors import PrunecompError, TargetUnavailable
 from prunecomp_export.validation import FiniteFloat, check_host
 
@@ -282,7 +282,8 @@ def wait_healthy(proc: subprocess.Popen, url: str, timeout_s: float, *, log_path
         if time.monotonic() > deadline:
             note = _log_note(log_path)
             raise ServerFailed(f"the vLLM server at {url} was not healthy after {timeout_s:.0f} s{note}")
-        time.sleep(0.5)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            wait_interruptibly(proc, 0.5)  # returns early when the server exits: polled above
 
 
 def _log_note(log_path: Path | None) -> str:
@@ -343,7 +344,7 @@ def serve(
         try:
             wait_healthy(server.proc, url, options.startup_timeout_s)
             report(url)
-            return server.proc.wait()
+            return wait_interruptibly(server.proc)
         except KeyboardInterrupt:
             server.stop(SERVER_STOP)
             return INTERRUPTED
