@@ -172,7 +172,7 @@ def test_a_runtime_given_a_wrong_model_fails_in_every_dtype(checkpoint, tmp_path
 
 
 def parity_report(max_abs: float = 0.01, divergence: bool = True) -> P.ParityReport:
-    gap = P.Divergence(prompt="a|b", position=3, runtime_token=4, reference_token=9, gap=0.04, near_tie=True,
+    gap = P.ParityDivergence(prompt="a|b", position=3, runtime_token=4, reference_token=9, gap=0.04, near_tie=True,
                        close=True)  # fmt: skip
     prompt = P.PromptParity(prompt="a|b", prompt_tokens=5, new_tokens=8, max_abs_diff=max_abs, tokenizer_match=True,
                             divergence=gap if divergence else None)  # fmt: skip

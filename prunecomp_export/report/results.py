@@ -187,7 +187,7 @@ class ParityDivergence(_Strict):
     gap: float
     #: the gap is within the dtype's largest log-probability tolerance
     near_tie: bool
-    #: each side's token in the other's top-k
+    #: each side's token in the other's top-k (vLLM's ``check_logprobs_close`` rule): the continuation is close
     close: bool
 
 

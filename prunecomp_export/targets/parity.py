@@ -34,6 +34,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from prunecomp_export.report.results import ParityDivergence
 from prunecomp_export.validation import FiniteFloat
 
 # Tolerances on |log-prob(runtime) - log-prob(fp32 reference)| in nats, per runtime dtype: the
@@ -160,24 +161,6 @@ class ReferenceScores(BaseModel):
 # ------------------------------------------------------------------------------------ the verdict
 
 
-class Divergence(BaseModel):
-    """Where a runtime's greedy continuation first differs from what the reference would pick."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    prompt: str
-    #: index of the new token
-    position: int
-    runtime_token: int
-    reference_token: int
-    #: the reference's log-probability of its own pick minus of the runtime's (nats, >= 0)
-    gap: float
-    #: the gap is within the dtype's largest log-probability tolerance
-    near_tie: bool
-    #: each side's token in the other's top-k (vLLM's rule): the continuation is close
-    close: bool
-
-
 class PromptParity(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -186,7 +169,7 @@ class PromptParity(BaseModel):
     new_tokens: int
     max_abs_diff: float
     tokenizer_match: bool
-    divergence: Divergence | None = None
+    divergence: ParityDivergence | None = None
 
     @property
     def close(self) -> bool:
@@ -226,7 +209,7 @@ class ParityReport(BaseModel):
         return self.logprobs_passed and self.generation_passed
 
     @property
-    def divergences(self) -> list[Divergence]:
+    def divergences(self) -> list[ParityDivergence]:
         return [p.divergence for p in self.prompts if p.divergence is not None]
 
     def summary(self) -> str:
@@ -338,7 +321,7 @@ def compare(
 
 def first_divergence(
     prompt: str, ran: Continuation, ref: ReferenceScores, tolerance: Tolerance, top_k: int
-) -> Divergence | None:
+) -> ParityDivergence | None:
     """The first new token where the reference's pick (its argmax in the same context) differs from
     the runtime's, judged by vLLM's ``check_logprobs_close`` rule; None when every token agrees."""
     start = len(ran.prompt_ids) - 1
@@ -351,7 +334,7 @@ def first_divergence(
         runtime_top = ran.new_top[position]
         runtime_top_k = sorted(runtime_top, key=lambda t: -runtime_top[t])[:top_k]
         gap = ref_top[best] - ref.token_logprobs[start + position]
-        return Divergence(
+        return ParityDivergence(
             prompt=prompt,
             position=position,
             runtime_token=token,
