@@ -430,7 +430,8 @@ try:
     with interrupting_signals(), staged_output(Path(sys.argv[1]), overwrite=True) as stage:
         (stage / "marker").write_text("half")
         print(stage, flush=True)
-        time.sleep(120)
+        for _ in range(1200):  # short sleeps: a signal handled between print and one long sleep's start
+            time.sleep(0.1)    # would wait for the whole sleep (CPython checks its handlers between calls)
 except KeyboardInterrupt:
     sys.exit(130)
 """
