@@ -87,7 +87,7 @@ def report_memory(results: dict, sampler: TreeSampler, wall_s: float, size: int,
             print(f"  {peak / 1e9:5.2f} GB  pid {pid}: {name[:110]}")
     largest = max(peak for _name, peak in sampler.process_peaks.values())
     print(f"largest process {largest / 1e9:.2f} GB; whole tree at most {sampler.peak_rss_bytes / 1e9:.2f} GB")
-    print("per stage (the run's own figures; planned figures exclude each process's ~0.6 GB of imports):")
+    print("per stage (the run's own figures; planned host figures exclude each process's own imports):")
     planned = {stage["stage"]: stage for stage in results["memory_plan"]["stages"]}
     for cost in results["costs"]:
         children = ", ".join(f"{c['name']} {c['peak_rss_bytes'] / 1e9:.2f} GB" for c in cost["children"])
@@ -97,13 +97,33 @@ def report_memory(results: dict, sampler: TreeSampler, wall_s: float, size: int,
         )
     for name, stage in planned.items():
         print(f"  planned {name}: host {stage['host_bytes'] / 1e9:.2f} GB ({stage['how']})")
-    ok = True
+    ok = targets_within_plan(results, planned)
     if args.max_process and largest > parse_size(args.max_process):
         print(f"OVER: a process reached {largest / 1e9:.2f} GB > {args.max_process}")
         ok = False
     if args.max_tree and sampler.peak_rss_bytes > parse_size(args.max_tree):
         print(f"OVER: the tree reached {sampler.peak_rss_bytes / 1e9:.2f} GB > {args.max_tree}")
         ok = False
+    return ok
+
+
+def targets_within_plan(results: dict, planned: dict[str, dict]) -> bool:
+    """Each target's process tree (its own child and everything it started, sampled together) against
+    the plan's host figure for it plus the imports of the processes it runs at once."""
+    ok = True
+    for cost in results["costs"]:
+        for child in cost["children"]:
+            stage = planned.get("targets: " + child["name"].removesuffix(" target"))
+            if stage is None:
+                continue
+            allowed = stage["host_bytes"] + stage["process_overhead_bytes"]
+            within = child["peak_rss_bytes"] <= allowed
+            ok &= within
+            print(
+                f"  {child['name']}: tree {child['peak_rss_bytes'] / 1e9:.2f} GB, planned {allowed / 1e9:.2f} GB "
+                f"({stage['host_bytes'] / 1e9:.2f} + {stage['process_overhead_bytes'] / 1e9:.2f} of its processes): "
+                + ("within the plan" if within else "OVER the plan")
+            )
     return ok
 
 

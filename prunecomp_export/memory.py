@@ -37,11 +37,13 @@ half the available host memory; on CPU the device is the host and H = D):
   devices) and a KV cache: on a GPU it is told its share of the device (``gpu_memory_utilization`` =
   D over the GPU's memory), on the CPU a KV cache of what D leaves beside W' (at most 1 GiB) and a
   context that fits in it, and it is refused when W' does not fit D; the ONNX builders and TensorRT
-  load the whole pruned model on the host (genai's builder: W' in the checkpoint's dtype; torch.onnx:
+  load the whole pruned model on the host (genai's builder: W' in the checkpoint's dtype, and for
+  int4/int8 the whole graph in its I/O dtype before it quantises, fp32 on the CPU; torch.onnx:
   three fp32 copies): listed, with a warning where that is over the host budget.
 
 Each Python process also holds its own interpreter, torch and transformers (about
-``PROCESS_OVERHEAD_BYTES``), outside the budget.
+``PROCESS_OVERHEAD_BYTES``), outside the budget; each stage counts the processes it runs at once
+(``StagePlan.process_overhead_bytes``: vLLM runs three of its own, ``VLLM_PROCESS_BYTES`` each).
 """
 
 from __future__ import annotations
@@ -67,6 +69,11 @@ MIN_CHUNK, MAX_CHUNK = 16, 4096
 #: what one Python process with torch and transformers imported holds, outside the budget (measured
 #: on this project's CPU machine: 0.6 GB)
 PROCESS_OVERHEAD_BYTES = 600_000_000
+#: what each process vLLM starts holds beyond the weights and KV cache it is given: the caller, its
+#: engine core and each worker, with vLLM's imports and the worker's buffers (measured with vLLM 0.32
+#: on the CPU, TinyLlama-1.1B's shape: 0.80, 0.78 and 1.30 GB at the target's peak, and on a first
+#: start up to 0.5 GB more of the compiler processes torch starts to build its CPU kernels)
+VLLM_PROCESS_BYTES = 1_200_000_000
 #: the reload check's sample (verification.safetensors) and what it generates after 16 prompt tokens
 RELOAD_SEQUENCES, RELOAD_TOKENS = 2, 64 + 8
 #: the KV cache a vLLM process on the CPU gets (vLLM's CPU backend otherwise takes a share of the RAM)
@@ -79,6 +86,11 @@ VLLM_MIN_CONTEXT = 256
 VLLM_MAX_CONTEXT = 4096
 #: bytes per weight of an ONNX model in each precision of the onnx target (int4: two a byte)
 ONNX_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2, "int8": 1, "int4": 0.5}
+#: bytes per weight of genai's int8 / int4 MatMulNBits: the packed weight and an fp32 scale per block of 32
+QUANTISED_BYTES = {"int8": 1 + 4 / 32, "int4": 0.5 + 4 / 32}
+#: fp32 copies of the largest tensor genai's builder holds beside the model while it converts or
+#: quantises one (measured: the fp32 build of TinyLlama-1.1B's shape peaked at W' + 3.2 of them)
+GENAI_TENSOR_COPIES = 4
 
 #: the stages' names in the plan
 PRUNE, PERPLEXITY, QA, RELOAD, BENCH = "prune", "evaluate: perplexity", "evaluate: QA", "save: reload check", "bench"
@@ -264,6 +276,14 @@ class StagePlan:
     vllm_engine: dict[str, Any] | None = None
     #: QA: the longest context lm-eval feeds the model
     qa_length: int | None = None
+    #: the imports of every process the stage runs at once (not in ``host_bytes``)
+    process_overhead_bytes: int = PROCESS_OVERHEAD_BYTES
+
+    @property
+    def host_total_bytes(self) -> int:
+        """The stage's planned host peak with its processes' own memory: what a measurement of its
+        process tree is held to."""
+        return self.host_bytes + self.process_overhead_bytes
 
 
 @dataclass(frozen=True)
@@ -477,7 +497,8 @@ def _vllm_qa_stage(tensor_parallel: int, machine: Machine, shape: ModelShape, bu
         "(raise evaluation.qa.tensor_parallel_size, or use backend hf, which offloads)"
     )
     return StagePlan(QA, "child process", need if machine.gpu else None, host, how, fits, refusal,
-                     vllm_engine=engine, qa_length=length)  # fmt: skip
+                     vllm_engine=engine, qa_length=length,
+                     process_overhead_bytes=vllm_processes_bytes(engine["tensor_parallel_size"]))  # fmt: skip
 
 
 def _bench_stage(recipe: Recipe, machine: Machine, shape: ModelShape, budget: int) -> StagePlan:
@@ -508,11 +529,13 @@ def _target_stage(name: str, options: Any, machine: Machine, shape: ModelShape, 
     needs, a warning where it is over the host budget (the builders cannot stream)."""
     fp32 = shape.weights_bytes * 4 // shape.dtype_bytes
     genai = name == "onnx" and getattr(options, "exporter", "auto") != "torch"
+    dtype = getattr(options, "dtype", "fp32")
     # the ONNX model ONNX Runtime then holds: the weights in the exported precision
-    exported = int(fp32 * ONNX_BYTES.get(getattr(options, "dtype", "fp32"), 4) / 4)
+    exported = int(fp32 * ONNX_BYTES.get(dtype, 4) / 4)
     if genai:
-        host = max(shape.weights_bytes + 2 * shape.tensor_bytes, exported)
-        how = f"onnxruntime-genai's builder loads the model, ONNX Runtime holds {_gb(exported)} GB"
+        build, how = genai_build_bytes(shape, dtype, _genai_on_cuda(options, machine))
+        host = max(build, exported)
+        how += f", ONNX Runtime then holds {_gb(exported)} GB"
     elif name == "tensorrt" and getattr(options, "runtime", "tensorrt") == "tensorrt_llm":
         host, how = shape.weights_bytes, "TensorRT-LLM loads the model onto its GPUs"
     else:
@@ -522,9 +545,33 @@ def _target_stage(name: str, options: Any, machine: Machine, shape: ModelShape, 
     fits = host <= host_budget
     if not fits:
         how += f": {_gb(host)} GB, over the host budget of {_gb(host_budget)} GB"
-    if machine.gpu:  # the runtime and then the reference on the device, one after the other
-        return StagePlan(f"targets: {name}", "child process", max(shape.weights_bytes, reference), host, how, fits)
-    return StagePlan(f"targets: {name}", "child process", None, max(host, reference), how, fits)
+    device = max(shape.weights_bytes, reference) if machine.gpu else None  # one after the other
+    # each export and each runtime runs in a child of the target's own child process
+    return StagePlan(f"targets: {name}", "child process", device, host if machine.gpu else max(host, reference), how,
+                     fits, process_overhead_bytes=2 * PROCESS_OVERHEAD_BYTES)  # fmt: skip
+
+
+def genai_build_bytes(shape: ModelShape, dtype: str, on_cuda: bool) -> tuple[int, str]:
+    """What onnxruntime-genai's builder holds on the host: the checkpoint in its stored dtype and a few
+    fp32 copies of its largest tensor (converted one at a time as they are written); for int8 / int4
+    also the whole graph in its I/O dtype (fp32 on the CPU, fp16 on CUDA), which it makes before its
+    quantiser runs over it, and the quantised weights."""
+    params = shape.weights_bytes // shape.dtype_bytes
+    held = shape.weights_bytes + GENAI_TENSOR_COPIES * shape.tensor_bytes * 4 // shape.dtype_bytes
+    if dtype not in QUANTISED_BYTES:
+        return held, "onnxruntime-genai's builder loads the model"
+    io_bytes = 2 if on_cuda else 4
+    graph = params * io_bytes
+    held += graph + int(params * QUANTISED_BYTES[dtype])
+    return held, (
+        f"onnxruntime-genai's builder loads the model and makes its whole graph in {'fp16' if on_cuda else 'fp32'} "
+        f"({_gb(graph)} GB) before quantising it to {dtype}"
+    )
+
+
+def _genai_on_cuda(options: Any, machine: Machine) -> bool:
+    provider = getattr(options, "provider", "auto")
+    return provider == "cuda" or (provider == "auto" and machine.gpu)
 
 
 def _vllm_target_stage(options: Any, machine: Machine, shape: ModelShape, budget: int, chunk: int) -> StagePlan:
@@ -561,7 +608,13 @@ def _vllm_target_stage(options: Any, machine: Machine, shape: ModelShape, budget
         "(raise execution.memory_budget, or targets.vllm.tensor_parallel_size on GPUs, or use dtype bfloat16)"
     )
     return StagePlan("targets: vllm", "child process", need if machine.gpu else None, host, how, fits, refusal,
-                     vllm_engine=engine)  # fmt: skip
+                     vllm_engine=engine,
+                     process_overhead_bytes=PROCESS_OVERHEAD_BYTES + vllm_processes_bytes(tensor_parallel))  # fmt: skip
+
+
+def vllm_processes_bytes(tensor_parallel: int) -> int:
+    """vLLM's own processes at once: the caller, its engine core and a worker a device."""
+    return (2 + tensor_parallel) * VLLM_PROCESS_BYTES
 
 
 def _gb(value: int | None) -> str:

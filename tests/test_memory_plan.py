@@ -373,3 +373,53 @@ def test_vllm_on_the_cpu_gets_a_kv_cache_of_what_the_budget_leaves_and_a_context
                              targets={"vllm": Options()}, bench=False, layers_after=24)  # fmt: skip
     refused = tight.stage("targets: vllm")  # (the prune stage refuses 300 MB too)
     assert not refused.fits and "too small for the vllm target" in refused.refusal and not refused.vllm_engine
+
+
+# -- the onnx target: what onnxruntime-genai's builder holds ---------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("dtype", "provider", "graph_bytes", "packed_bytes"),
+    [
+        ("fp32", "cpu", 0, 0),  # converted a tensor at a time as it is written
+        ("int8", "cpu", 4, 1 + 4 / 32),  # the whole graph in fp32 first, then int8 and a scale per 32
+        ("int4", "cpu", 4, 0.5 + 4 / 32),
+        ("int4", "cuda", 2, 0.5 + 4 / 32),  # on CUDA the builder's graph is fp16
+    ],
+)
+def test_the_genai_build_of_a_70b_model_counts_the_graph_it_makes_before_quantising(
+    dtype, provider, graph_bytes, packed_bytes
+):
+    """Llama-3-70B pruned to 64 layers: the builder holds W' (bf16), four fp32 copies of the largest
+    tensor and, to quantise, the whole graph in its I/O dtype and the packed weights (by hand); the
+    target runs two processes of its own (its child and the builder's)."""
+    from prunecomp_export.memory import PROCESS_OVERHEAD_BYTES
+    from prunecomp_export.targets.onnx import Options
+
+    machine = Machine("cuda", 70 * GB, 2000 * GB, 80 * GB) if provider == "cuda" else Machine("cpu", None, 2000 * GB)
+    plan = make_memory_plan(recipe(), shape_70b(), machine, targets={"onnx": Options(dtype=dtype, provider=provider)},
+                            bench=False, layers_after=64)  # fmt: skip
+    stage = plan.stage("targets: onnx")
+    params = L * LAYER_PARAMS - 16 * LAYER_PARAMS + 2 * EMBED_PARAMS + D
+    built = 2 * params + 4 * (2 * TENSOR) + graph_bytes * params + int(params * packed_bytes)
+    exported = {"fp32": 4, "int8": 1, "int4": 0.5}[dtype] * params
+    assert stage.host_bytes == pytest.approx(max(built, exported), abs=16)
+    assert stage.process_overhead_bytes == 2 * PROCESS_OVERHEAD_BYTES
+    if graph_bytes:
+        graph = f"whole graph in {'fp32' if graph_bytes == 4 else 'fp16'} ({graph_bytes * params / GB:.2f} GB)"
+        assert graph in stage.how
+
+
+def test_vllm_counts_its_own_processes_the_caller_the_engine_core_and_a_worker_a_device():
+    from prunecomp_export.memory import PROCESS_OVERHEAD_BYTES, VLLM_PROCESS_BYTES
+    from prunecomp_export.targets.vllm import Options
+
+    machine = Machine("cuda", 70 * GB, 256 * GB, 80 * GB)
+    four = make_memory_plan(recipe(), shape_70b(), machine, targets={"vllm": Options(tensor_parallel_size=4)},
+                            bench=False, layers_after=60).stage("targets: vllm")  # fmt: skip
+    assert four.process_overhead_bytes == PROCESS_OVERHEAD_BYTES + 6 * VLLM_PROCESS_BYTES
+    assert four.host_total_bytes == four.host_bytes + PROCESS_OVERHEAD_BYTES + 6 * VLLM_PROCESS_BYTES
+    big = recipe(execution={"memory_budget": "200GB"})
+    cpu = make_memory_plan(big, shape_70b(), Machine("cpu", None, 512 * GB), targets={"vllm": Options()}, bench=False,
+                           layers_after=60).stage("targets: vllm")  # fmt: skip
+    assert cpu.process_overhead_bytes == PROCESS_OVERHEAD_BYTES + 3 * VLLM_PROCESS_BYTES

@@ -61,19 +61,11 @@ def make_checkpoint(directory: Path, *, arch: str = "llama", layers: int = 2, se
 
 
 def swapped_layers(checkpoint: Path, target: Path, a: int, b: int) -> Path:
-    """A copy of ``checkpoint`` whose decoder layers ``a`` and ``b`` trade places (a wrong model)."""
-    import shutil
+    """A copy of ``checkpoint`` whose decoder layers ``a`` and ``b`` trade places (a wrong model): the
+    parity benchmark's own, so that the tests and the measured tolerances judge the same wrong model."""
+    from benchmarks.parity_tolerances import swap_layers
 
-    from safetensors.torch import load_file, save_file
-
-    shutil.copytree(checkpoint, target, ignore=shutil.ignore_patterns("*.safetensors"))
-    tensors = load_file(checkpoint / "model.safetensors")
-    names = {f"model.layers.{a}.": f"model.layers.{b}.", f"model.layers.{b}.": f"model.layers.{a}."}
-    out = {}
-    for key, value in tensors.items():
-        prefix = next((p for p in names if key.startswith(p)), None)
-        out[key if prefix is None else names[prefix] + key.removeprefix(prefix)] = value
-    save_file(out, target / "model.safetensors", metadata={"format": "pt"})
+    swap_layers(checkpoint, target, a, b)
     return target
 
 

@@ -303,12 +303,14 @@ def compensation_text(
 
 def plan_table(plan: MemoryPlanRecord) -> tuple[list[str], list[list[str]]]:
     """The memory plan, one row per stage: the process, the planned peak on the device and in host
-    memory (beyond each process's own interpreter, torch and transformers), and how."""
-    header = ["stage", "process", "device GB", "host GB", "how"]
+    memory (beyond each process's own interpreter, torch and transformers), what the processes it runs
+    at once hold of their own, and how."""
+    header = ["stage", "process", "device GB", "host GB", "+ processes GB", "how"]
     table = [
-        [s.stage, s.process, _gb(s.device_bytes), _gb(s.host_bytes), s.how + ("" if s.fits else " (over budget)")]
+        [s.stage, s.process, _gb(s.device_bytes), _gb(s.host_bytes), _gb(s.process_overhead_bytes),
+         s.how + ("" if s.fits else " (over budget)")]
         for s in plan.stages
-    ]
+    ]  # fmt: skip
     return header, table
 
 

@@ -235,6 +235,8 @@ class PlannedStage(_Strict):
     fits: bool
     #: accelerate's max_memory for a child that loads the checkpoint
     max_memory: dict[str, int] | None
+    #: the imports of every process the stage runs at once, beside host_bytes (None: an older run)
+    process_overhead_bytes: int | None = None
 
 
 class MemoryPlanRecord(_Strict):
