@@ -276,14 +276,9 @@ class StagePlan:
     vllm_engine: dict[str, Any] | None = None
     #: QA: the longest context lm-eval feeds the model
     qa_length: int | None = None
-    #: the imports of every process the stage runs at once (not in ``host_bytes``)
+    #: the imports of every process the stage runs at once (not in ``host_bytes``); a measurement of
+    #: the stage's process tree is held to the two together
     process_overhead_bytes: int = PROCESS_OVERHEAD_BYTES
-
-    @property
-    def host_total_bytes(self) -> int:
-        """The stage's planned host peak with its processes' own memory: what a measurement of its
-        process tree is held to."""
-        return self.host_bytes + self.process_overhead_bytes
 
 
 @dataclass(frozen=True)
