@@ -193,8 +193,8 @@ class PruneSpec(Strict):
         None,
         ge=0,
         description="Calibration batches held back from measuring or fitting the compensation: they judge the "
-        "shortlist and check every removal's compensation against none (half of it, or none, is folded where "
-        "it would raise their loss). null: a quarter of the batches, at least one (none when there is a single "
+        "shortlist and check every removal's compensation: the full one, half of it or none is folded, whichever "
+        "leaves their loss lowest. null: a quarter of the batches, at least one (none when there is a single "
         "batch); 0: fit on every batch, no check.",
     )
     protected_layers: list[int] | None = Field(

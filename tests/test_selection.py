@@ -86,10 +86,33 @@ def test_the_paper_alpha_that_hurts_held_back_batches_falls_back_to_none(tmp_pat
     assert unchecked.steps[0].check is None and unchecked.steps[0].alpha > 10
 
 
-def test_every_checked_removal_leaves_the_held_back_loss_at_most_none(tmp_path):
-    """On a random model (where the paper's alpha often does not help), every removal's folded
-    compensation, after the earlier ones, is no worse than none on the held-back batch, and the
-    recorded losses are the plain forwards'."""
+def test_a_compensation_that_overshoots_is_halved_where_half_is_lower_than_full_and_none(tmp_path):
+    """A random Llama whose layer 2 writes 8x louder: its paper alpha (about 6.9) helps the held-back
+    batch, half of it helps more, so half is folded, though the full one beat none (by hand: the three
+    losses from Hugging Face forwards)."""
+    dense = make_model("llama", seed=0)
+    with torch.no_grad():
+        for weight in (dense.model.layers[2].self_attn.o_proj.weight, dense.model.layers[2].mlp.down_proj.weight):
+            weight.mul_(8.0)
+    batches = list(torch.randint(3, 128, (4, 24), generator=torch.Generator().manual_seed(1)).split(2))
+    fit, judge = batches[:-1], batches[-1:]
+    with torch.no_grad():
+        hidden = layer_inputs(dense, fit)
+    alpha = magnitude_gap([h[2] for h in hidden], [h[3] for h in hidden])
+    full, half, none = (plain_loss(removed_with(dense, [Step([2], a)]), judge) for a in (alpha, 1 + (alpha - 1) / 2, 1))
+    assert half < full < none, "the construction: the paper's alpha helps, half of it helps more"
+
+    (step,) = prune_streamed(dense, batches, plan_for(dense, drop_layers=[2], judge_batches=1), tmp_path).steps
+    assert step.check is not None and step.check.kept == "half"
+    assert step.alpha == pytest.approx(1 + (alpha - 1) / 2, rel=1e-5)
+    recorded = (step.check.loss_full, step.check.loss_half, step.check.loss_none)
+    assert recorded == pytest.approx((full, half, none), rel=1e-5)
+
+
+def test_every_checked_removal_folds_the_lowest_held_back_loss_of_full_half_and_none(tmp_path):
+    """On a random model (where the paper's alpha often does not help), every removal folds whichever of
+    its full compensation, half of it and none leaves the held-back batch's loss lowest, after the
+    earlier ones: so never worse than none; the recorded losses are the plain forwards'."""
     dense = make_model("llama", seed=4)
     batches = list(torch.randint(3, 128, (4, 24), generator=torch.Generator().manual_seed(1)).split(2))
     plan = plan_for(dense, num_drop=3, judge_batches=1, protected_layers=[0])
@@ -103,12 +126,15 @@ def test_every_checked_removal_leaves_the_held_back_loss_at_most_none(tmp_path):
         before = trajectory.steps[:number]
         folded = plain_loss(removed_with(dense, [*before, step]), batches[1:])
         none = plain_loss(removed_with(dense, [*before, Step(step.removed, 1.0)]), batches[1:])
+        alpha = step.paper_alpha
+        full = plain_loss(removed_with(dense, [*before, Step(step.removed, alpha)]), batches[1:])
+        half = plain_loss(removed_with(dense, [*before, Step(step.removed, 1 + (alpha - 1) / 2)]), batches[1:])
         assert folded <= none * (1 + 1e-6), number
-        assert step.check.loss_none == pytest.approx(none, rel=1e-5)
-        chosen = {"full": step.check.loss_full, "half": step.check.loss_half, "none": step.check.loss_none}
-        assert chosen[step.check.kept] == pytest.approx(folded, rel=1e-5)
-        if step.check.kept == "half":
-            assert step.alpha == pytest.approx(1 + (step.paper_alpha - 1) / 2)
+        assert folded == pytest.approx(min(full, half, none), rel=1e-5), number
+        recorded = {"full": step.check.loss_full, "half": step.check.loss_half, "none": step.check.loss_none}
+        assert recorded == pytest.approx({"full": full, "half": half, "none": none}, rel=1e-5), number
+        assert recorded[step.check.kept] == pytest.approx(folded, rel=1e-5)
+        assert step.alpha == pytest.approx({"full": alpha, "half": 1 + (alpha - 1) / 2, "none": 1.0}[step.check.kept])
 
 
 def test_a_shortlist_is_judged_by_the_held_back_loss_with_its_compensation(batches, tmp_path):
@@ -132,11 +158,11 @@ def test_a_shortlist_is_judged_by_the_held_back_loss_with_its_compensation(batch
             assert loss == pytest.approx(want, rel=1e-5), (number, k)
         best = min(range(3), key=lambda i: round_.judged_losses[i])
         assert round_.step.removed == [round_.judged_layers[best]]
-        # the cost: each candidate runs from its gap on the judge batch; the check adds the uncompensated
-        # removal (and half of it on a fallback); then the layers after the gap are rerun on every batch
+        # the cost: each candidate runs from its gap on the judge batch; the check adds the removal
+        # uncompensated and half compensated; then the layers after the gap are rerun on every batch
         index = kept.index(round_.step.removed[0])
         after = len(kept) - 1 - index
-        check = 0 if round_.step.check is None else (1 if round_.step.check.kept == "full" else 2)
+        check = 0 if round_.step.check is None else 2
         judged = sum(len(kept) - 1 - k for k in shortlist)
         assert round_.layer_forwards == len(judge) * (judged + check * after) + len(batches) * after
 

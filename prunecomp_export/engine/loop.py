@@ -78,8 +78,8 @@ def check_judge_batches(plan: Plan, num_batches: int) -> None:
 @dataclass(frozen=True)
 class CompensationCheck:
     """One removal's calibration loss on the judge batches (held back from the fit) with the compensation
-    as measured on the other batches, and with none. ``kept`` is what was folded: ``full``; ``half``, the
-    compensation shrunk half-way to none, where the full one raised the loss above none; or ``none``."""
+    as measured on the other batches, with it shrunk half-way to none, and with none. ``kept`` is what
+    was folded: the lowest of the three (``full``, ``half`` or ``none``)."""
 
     kept: Literal["full", "half", "none"]
     loss_full: float
@@ -304,8 +304,10 @@ def prune(
 
 
 def _describe(step: Step) -> str:
-    if step.check is not None and step.check.kept != "full":
-        return f"{step.check.kept} of its compensation: the full one raised the held-back loss"
+    if step.check is not None and step.check.kept == "none":
+        return "none of its compensation: it raised the held-back loss"
+    if step.check is not None and step.check.kept == "half":
+        return f"half of its compensation{'' if step.output_map else f', {step.alpha:.4f}'}: the lowest held-back loss"
     if step.output_map is not None:
         return f"linear map on layer {step.output_map[0]}"
     if step.paper_alpha is not None and step.paper_alpha != step.alpha:
@@ -407,24 +409,22 @@ def _entering(
 def _checked(
     streams: ResidualStreams, plan: Plan, index: int, count: int, step: Step, loss_full: float | None = None
 ) -> Step:
-    """The step as measured on the fit batches, unless it raises the judge batches' loss above no
-    compensation at the same layers: then half of it, or none if that still does (``step.check``
-    says which and why). ``loss_full``: the step's judge loss, when a shortlist already measured it."""
+    """The step as measured on the fit batches, half of it or none: whichever leaves the judge batches'
+    loss lowest (``step.check`` says which, with the three losses). So a folded compensation never
+    raises that loss above no compensation at the same layers, and one that overshoots is shrunk.
+    ``loss_full``: the step's judge loss, when a shortlist already measured it."""
     judge = _judge_ids(streams, plan)
     if not judge or not step.compensated:
         return step
-    none = replace(step, alpha=1.0, output_map=None)
-    tried = [none] if loss_full is not None else [none, step]
+    none, half = replace(step, alpha=1.0, output_map=None), _half(step)
+    tried = [none, half] if loss_full is not None else [none, half, step]
     losses = streams.probe_losses([_entering(streams, index, count, s, judge) for s in tried], judge)
-    loss_none = losses[0]
-    loss_full = losses[1] if loss_full is None else loss_full
-    if loss_full <= loss_none:
-        return replace(step, check=CompensationCheck("full", loss_full, loss_none))
-    half = _half(step)
-    (loss_half,) = streams.probe_losses([_entering(streams, index, count, half, judge)], judge)
-    if loss_half <= loss_none:
-        return replace(half, check=CompensationCheck("half", loss_full, loss_none, loss_half))
-    return replace(none, check=CompensationCheck("none", loss_full, loss_none, loss_half))
+    loss_none, loss_half = losses[:2]
+    loss_full = losses[2] if loss_full is None else loss_full
+    check = {"full": loss_full, "half": loss_half, "none": loss_none}
+    kept = min(check, key=check.__getitem__)  # a tie keeps the more compensation
+    chosen = {"full": step, "half": half, "none": none}[kept]
+    return replace(chosen, check=CompensationCheck(kept, loss_full, loss_none, loss_half))
 
 
 def _half(step: Step) -> Step:

@@ -79,8 +79,9 @@ class SourceModel(_Record):
 
 class CompensationCheck(_Record):
     """The removal's calibration loss on the batches held back from the compensation's fit, with the
-    compensation as measured, with none, and with half of it (tried only when the full one raised the
-    loss); ``kept`` is what was folded (``engine.loop.CompensationCheck``)."""
+    compensation as measured, with none, and with half of it (null from an older run, whose check tried
+    half only when the full one raised the loss); ``kept`` is what was folded: the lowest of them
+    (``engine.loop.CompensationCheck``)."""
 
     kept: Literal["full", "half", "none"]
     loss_full: FiniteFloat

@@ -293,7 +293,8 @@ def compensation_text(
         folded = (
             "" if kept == "none" else (f" {alpha:.4f}" if output_map_layer is None else f" on layer {output_map_layer}")
         )
-        return f"{kept}{folded} ({measured} raised the held-back loss)"
+        why = "raised the held-back loss" if kept == "none" else "halved: the lowest held-back loss"
+        return f"{kept}{folded} ({measured} {why})"
     if output_map_layer is not None:
         return f"map on layer {output_map_layer}"
     if paper_alpha is not None and paper_alpha != alpha:

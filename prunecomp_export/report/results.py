@@ -39,8 +39,9 @@ class ModelInfo(_Strict):
 
 class CompensationCheck(_Strict):
     """``engine.CompensationCheck``: the removal's calibration loss on the judge batches (held back
-    from the compensation's fit) with the full compensation, with none, and with half of it (tried
-    only when the full one raised the loss); ``kept`` is what was folded."""
+    from the compensation's fit) with the full compensation, with none, and with half of it (null in
+    a run whose check tried half only when the full one raised the loss); ``kept`` is what was folded:
+    the lowest of them."""
 
     kept: Literal["full", "half", "none"]
     loss_full: float
