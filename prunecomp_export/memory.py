@@ -565,6 +565,9 @@ def genai_build_bytes(shape: ModelShape, dtype: str, on_cuda: bool) -> tuple[int
 
 
 def _genai_on_cuda(options: Any, machine: Machine) -> bool:
+    """Whether the onnx target builds for CUDA. ``targets/runtimes/ort.resolve_providers`` decides it
+    at export time by asking onnxruntime; the plan is made before any backend is imported, also for
+    ``--dry-run --machine cuda:...`` away from the GPU box, so it assumes that box's onnxruntime has CUDA."""
     provider = getattr(options, "provider", "auto")
     return provider == "cuda" or (provider == "auto" and machine.gpu)
 
