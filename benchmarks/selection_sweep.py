@@ -7,7 +7,13 @@ token perplexity on the demo's corpora, KL divergence from the dense model and t
 the news text, the prune stage's wall time, the removed layers, and (``--qa``) QA accuracy kept.
 Rows run one after another on the same machine, so their prune times compare.
 
-    python benchmarks/selection_sweep.py [--rows NAME ...] [--qa] [--out outputs/selection-sweep] [--table-only]
+    python benchmarks/selection_sweep.py [--rows NAME ...] [--qa [--qa-limit N|all]] [--out outputs/selection-sweep]
+        [--table-only]
+
+With ``--qa`` each row also carries its accuracy per task and its accuracy kept minus the default's
+(``BI, magnitude, check 1``), paired over the same questions, with a 95 % interval: whether a row keeps
+less accuracy than the default beyond the noise of the questions asked. ``--qa-limit all`` asks every
+question of the offline tasks (280 analogies, 200 reviews) instead of the demo's 100 a task.
 
 The one-shot rows: ``one-shot BI (project)`` is block influence's own one-shot choice on the demo's
 calibration (16 x 512), ``one-shot BI (authors)`` the layers the method's authors' code chooses on
@@ -18,11 +24,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from prunecomp_export.report.signoff import Z95
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "recipes" / "smollm2-135m-demo.yaml"
@@ -42,7 +52,17 @@ ROWS: dict[str, list[str]] = {
     "BI shortlist 4, judge 1": ["prune.shortlist=4", "prune.judge_batches=1"],
     "BI shortlist 3, judge 2": ["prune.shortlist=3", "prune.judge_batches=2"],
     "BI shortlist 6, judge 1": ["prune.shortlist=6", "prune.judge_batches=1"],
+    # which removals cost the shortlist its QA accuracy: its layers with the paper's alpha folded at every
+    # gap (no check), and the authors' one-shot layers removed the default's way (alpha + the check)
+    "shortlist 3's layers, magnitude, no check": [
+        "prune.num_drop=null", "prune.drop_layers=[14, 17, 15, 13, 16, 18]", "prune.judge_batches=0",
+    ],
+    "authors' one-shot layers, magnitude, check 1": [
+        "prune.num_drop=null", "prune.drop_layers=[14, 17, 13, 12, 15, 16]", "prune.judge_batches=1",
+    ],
 }  # fmt: skip
+#: the row that stands for the default keys; the others' accuracy kept is compared to it
+DEFAULT_ROW = "BI, magnitude, check 1"
 #: every row: no trajectory points, no baseline, no reload check (only the prune choice is compared)
 COMMON = ["evaluation.trajectory=[]", "evaluation.baseline=false", "output.verify=false", "output.overwrite=true"]
 #: without QA the demo's accuracy threshold has no figure (the run refuses it): dropped with it
@@ -53,9 +73,10 @@ def directory_of(name: str, out: Path) -> Path:
     return out / name.replace(" ", "_").replace(",", "").replace("(", "").replace(")", "")
 
 
-def run_row(name: str, keys: list[str], out: Path, qa: bool) -> dict:
+def run_row(name: str, keys: list[str], out: Path, qa: bool, qa_limit: str | None) -> dict:
     directory = directory_of(name, out)
-    sets = [*COMMON, *([] if qa else NO_QA), *keys]
+    limit = [f"evaluation.qa.limit={'null' if qa_limit == 'all' else qa_limit}"] if qa and qa_limit else []
+    sets = [*COMMON, *([] if qa else NO_QA), *limit, *keys]
     command = [sys.executable, "-m", "prunecomp_export", str(DEMO), "--output", str(directory)]
     command += [arg for key in sets for arg in ("--set", key)]
     started = time.perf_counter()
@@ -67,6 +88,38 @@ def run_row(name: str, keys: list[str], out: Path, qa: bool) -> dict:
         raise RuntimeError(f"{name}: exit code {code}, see {log}")
     results = json.loads((directory / "results.json").read_text())
     return summarise(name, results, time.perf_counter() - started)
+
+
+def final_answers(results: dict, variant: str = "prunecomp") -> dict[str, dict]:
+    """Per QA task, the final model's accuracy row (``variant`` "dense": the dense model's)."""
+    final = 0 if variant == "dense" else results["model"]["layers_removed"]
+    return {
+        m["dataset"]: m
+        for m in results["measurements"]
+        if m["kind"] == "accuracy" and m["variant"] == variant and m["layers_removed"] == final
+    }
+
+
+def kept_difference(results: dict, reference: dict) -> tuple[float, float] | None:
+    """Accuracy kept of one run's final model minus another's, in points of the dense model's accuracy,
+    and the half-width of its 95 % interval, paired over the same questions: per task the per-question
+    differences (1 - 0, 0 - 1 or 0), whose means' variances add over the (independent) tasks. The dense
+    model's accuracy is the same in both runs (the same questions) and is taken as fixed. None when the
+    runs did not ask the same questions (or either has no per-question results)."""
+    ours, theirs, dense = final_answers(results), final_answers(reference), final_answers(results, "dense")
+    if not ours or ours.keys() != theirs.keys() or ours.keys() != dense.keys():
+        return None
+    means, variance = [], 0.0
+    for task, row in ours.items():
+        if row["details"].get("questions_sha256") != theirs[task]["details"].get("questions_sha256"):
+            return None
+        answers = zip(row["details"]["correct"], theirs[task]["details"]["correct"], strict=True)
+        differences = [a - b for a, b in answers]
+        means.append(statistics.fmean(differences))
+        variance += statistics.variance(differences) / len(differences)
+    dense_mean = statistics.fmean(m["value"] for m in dense.values())
+    scale = 100.0 / len(means) / dense_mean
+    return scale * sum(means), scale * Z95 * math.sqrt(variance)
 
 
 def summarise(name: str, results: dict, seconds: float) -> dict:
@@ -87,19 +140,24 @@ def summarise(name: str, results: dict, seconds: float) -> dict:
         "run_s": round(seconds, 1),
         "checks": [r["step"]["check"]["kept"] if r["step"].get("check") else None for r in trajectory["rounds"]],
         "accuracy_kept": results["summary"]["accuracy_kept_percent"],
+        "accuracy_kept_margin": results["summary"].get("accuracy_kept_margin"),
+        "accuracy": {task: m["value"] for task, m in final_answers(results).items()},
         **figures,
     }
-    print(json.dumps(row), flush=True)
-    return row
+    print(json.dumps({k: v for k, v in row.items() if k != "results"}), flush=True)
+    return row | {"results": results}
 
 
 def table(rows: list[dict]) -> str:
     one_shot = [r for r in rows if r["row"].startswith("one-shot")]
     strongest = min((r[NEWS] for r in one_shot), default=None)
     reference = next((r["prune_s"] for r in rows if r["row"].endswith("(before)")), None)
+    default = next((r for r in rows if r["row"] == DEFAULT_ROW), None)
     corpora = [c for c in rows[0] if c.startswith("gensim-")]
+    tasks = sorted({task for r in rows for task in r["accuracy"]})
     header = ["row", *corpora, "news vs strongest one-shot", "KL news", "top-1 news", "prune s", "vs BI prune",
-              "full forwards", "QA kept %", "removed, in order", "compensation kept"]  # fmt: skip
+              "full forwards", *tasks, "QA kept % (95 %)", "vs default (paired)", "removed, in order",
+              "compensation kept"]  # fmt: skip
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
         cells = [r["row"], *(f"{r[c]:.2f}" for c in corpora)]
@@ -110,7 +168,11 @@ def table(rows: list[dict]) -> str:
         cells.append("" if one else f"{r['prune_s']:.0f}")
         cells.append("" if one or not reference else f"{r['prune_s'] / reference:.2f}")
         cells.append(f"{r['forwards']:.1f}" if "forwards" in r else "")
-        cells.append("" if r["accuracy_kept"] is None else f"{r['accuracy_kept']:.1f}")
+        cells += [f"{100 * r['accuracy'][t]:.1f} %" if t in r["accuracy"] else "" for t in tasks]
+        kept, margin = r["accuracy_kept"], r["accuracy_kept_margin"]
+        cells.append("" if kept is None else f"{kept:.1f}" + ("" if margin is None else f" ± {margin:.1f}"))
+        difference = None if default is None or r is default else kept_difference(r["results"], default["results"])
+        cells.append("" if difference is None else f"{difference[0]:+.1f} ± {difference[1]:.1f}")
         cells.append(" ".join(map(str, r["removed"])))
         cells.append(" ".join("-" if c is None else c for c in r["checks"]))
         lines.append("| " + " | ".join(cells) + " |")
@@ -121,6 +183,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", nargs="+", default=list(ROWS), help="row names (default: all)")
     parser.add_argument("--qa", action="store_true", help="also lm-eval QA accuracy (slow)")
+    parser.add_argument("--qa-limit", help="questions a QA task: a number, or 'all' (default: the demo's 100)")
     parser.add_argument("--out", type=Path, default=ROOT / "outputs" / "selection-sweep")
     parser.add_argument("--json", type=Path, help="write every row here")
     parser.add_argument("--table-only", action="store_true", help="summarise the rows already run in --out")
@@ -129,9 +192,9 @@ def main() -> None:
         done = [n for n in args.rows if (directory_of(n, args.out) / "results.json").is_file()]
         rows = [summarise(n, json.loads((directory_of(n, args.out) / "results.json").read_text()), 0) for n in done]
     else:
-        rows = [run_row(name, ROWS[name], args.out, args.qa) for name in args.rows]
+        rows = [run_row(name, ROWS[name], args.out, args.qa, args.qa_limit) for name in args.rows]
     if args.json:
-        args.json.write_text(json.dumps(rows, indent=1))
+        args.json.write_text(json.dumps([{k: v for k, v in r.items() if k != "results"} for r in rows], indent=1))
     print(table(rows))
 
 
