@@ -111,9 +111,12 @@ def kept_difference(results: dict, reference: dict) -> tuple[float, float] | Non
         return None
     means, variance = [], 0.0
     for task, row in ours.items():
-        if row["details"].get("questions_sha256") != theirs[task]["details"].get("questions_sha256"):
+        other = theirs[task]["details"]
+        if "correct" not in row["details"] or "correct" not in other:
             return None
-        answers = zip(row["details"]["correct"], theirs[task]["details"]["correct"], strict=True)
+        if row["details"].get("questions_sha256") != other.get("questions_sha256"):
+            return None
+        answers = zip(row["details"]["correct"], other["correct"], strict=True)
         differences = [a - b for a, b in answers]
         means.append(statistics.fmean(differences))
         variance += statistics.variance(differences) / len(differences)
@@ -144,7 +147,7 @@ def summarise(name: str, results: dict, seconds: float) -> dict:
         "accuracy": {task: m["value"] for task, m in final_answers(results).items()},
         **figures,
     }
-    print(json.dumps({k: v for k, v in row.items() if k != "results"}), flush=True)
+    print(json.dumps(row), flush=True)
     return row | {"results": results}
 
 
