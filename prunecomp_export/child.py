@@ -11,7 +11,8 @@ What every child gets, from this module alone:
   exit, error, timeout, Ctrl-C or SIGTERM the whole group is terminated, then killed; a function's
   child also takes its group down when this process dies, even by SIGKILL;
 - its memory sampled from outside its process tree (``TreeSampler``: the RSS of the child and all
-  its descendants, every ``SAMPLE_INTERVAL_S``), and its own report of peak device memory; the cost
+  its descendants, every ``SAMPLE_INTERVAL_S``, a process forked and not yet exec'd counted beyond
+  its parent only: ``costs.resident_bytes``), and its own report of peak device memory; the cost
   is recorded with the running stage (``costs.record_child``);
 - its output (stdout and stderr) passed through to this process's stderr as it comes, and kept in a
   log file, which is removed when the child succeeds;
@@ -46,7 +47,7 @@ from typing import IO, Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from prunecomp_export.costs import ChildCost, record_child
+from prunecomp_export.costs import ChildCost, record_child, resident_bytes
 from prunecomp_export.errors import PrunecompError, StageFailed
 
 #: the directory that holds the ``prunecomp_export`` package
@@ -234,7 +235,8 @@ def _stop_leftovers() -> None:
 
 class TreeSampler:
     """Samples a process and all its descendants from outside their tree, in a thread: the largest
-    sum of their RSS, each one's largest RSS, and the CPU seconds each was last seen to have used."""
+    sum of their RSS (``costs.resident_bytes``), each one's largest, and the CPU seconds each was last
+    seen to have used."""
 
     def __init__(self, pid: int, interval_s: float = SAMPLE_INTERVAL_S):
         import psutil
@@ -260,16 +262,16 @@ class TreeSampler:
             members = [self._root, *self._root.children(recursive=True)]
         except psutil.Error:
             return
-        total = 0
+        resident = resident_bytes(members)
         for member in members:
+            if member.pid not in resident:
+                continue
             with contextlib.suppress(psutil.Error):
-                rss = member.memory_info().rss
-                total += rss
                 name, peak = self.process_peaks.get(member.pid) or (" ".join(member.cmdline())[:160], 0)
-                self.process_peaks[member.pid] = (name, max(peak, rss))
+                self.process_peaks[member.pid] = (name, max(peak, resident[member.pid]))
                 times = member.cpu_times()
                 self._cpu[member.pid] = max(self._cpu.get(member.pid, 0.0), times.user + times.system)
-        self.peak_rss_bytes = max(self.peak_rss_bytes, total)
+        self.peak_rss_bytes = max(self.peak_rss_bytes, sum(resident.values()))
 
     @property
     def cpu_s(self) -> float:

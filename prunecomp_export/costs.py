@@ -15,9 +15,10 @@ import contextvars
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import psutil
@@ -29,6 +30,8 @@ from prunecomp_export.child_main import own_peak_rss_bytes
 SAMPLE_INTERVAL_S = 0.02
 #: the whole process tree is sampled every this many samples of this process (a tree walk reads /proc)
 TREE_EVERY = 5
+#: the kernel's PF_FORKNOEXEC, in the flags of /proc/<pid>/stat: forked and not exec'd yet
+_FORKED_NOT_EXECED = 0x40
 
 
 class ChildCost(BaseModel):
@@ -99,6 +102,34 @@ def _cuda_in_use() -> Any | None:
     return None
 
 
+def _parent_if_forked_not_execed(pid: int) -> int | None:
+    """The parent's pid when ``pid`` was forked and has not exec'd yet, else None (also where /proc
+    cannot say)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+        return int(fields[1]) if int(fields[6]) & _FORKED_NOT_EXECED else None
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def resident_bytes(members: Sequence[psutil.Process]) -> dict[int, int]:
+    """Each live member's resident memory (pid -> bytes), to be summed over a process tree. A member
+    forked and not exec'd yet counts only the RSS it has beyond its parent's: the rest are its parent's
+    pages, shared until it execs (or all of them: a vfork shares the parent's memory), which a sum of RSS
+    would count twice. Caught between its fork and its exec, lm-eval's `git describe` read as a second
+    copy of the 1 GB QA child that launched it. Pages a fork worker copies on writing count once (an
+    undercount, where a sum of RSS would overcount them all)."""
+    rss: dict[int, int] = {}
+    for member in members:
+        with contextlib.suppress(psutil.Error):
+            rss[member.pid] = int(member.memory_info().rss)
+    counted = {}
+    for pid, own in rss.items():
+        parent = _parent_if_forked_not_execed(pid)
+        counted[pid] = own if parent not in rss else max(0, own - rss[parent])
+    return counted
+
+
 class _RssSampler:
     """Samples this process's RSS in a daemon thread and keeps the maximum; every ``TREE_EVERY``
     samples also the RSS of this process and all its descendants together."""
@@ -117,12 +148,10 @@ class _RssSampler:
         return rss
 
     def sample_tree(self) -> None:
-        total = self.sample()
+        self.sample()
         with contextlib.suppress(psutil.Error):
-            for child in self._process.children(recursive=True):
-                with contextlib.suppress(psutil.Error):
-                    total += child.memory_info().rss
-        self.tree_peak = max(self.tree_peak, total)
+            members = [self._process, *self._process.children(recursive=True)]
+            self.tree_peak = max(self.tree_peak, sum(resident_bytes(members).values()))
 
     def _run(self) -> None:
         tick = 0

@@ -67,3 +67,63 @@ def test_the_tree_peak_counts_a_child_process_that_this_process_does_not_see():
         subprocess.run([sys.executable, "-c", code], check=True)
     (stage,) = meter.stages
     assert stage.tree_peak_rss_bytes - stage.peak_rss_bytes >= 250 * MB
+
+
+#: a process holding 300 MB that forks once without exec: the fork allocates ``argv[1]`` MB of its own
+_FORKS = """
+import os, sys, time
+held = bytearray(300 * 2**20); held[::4096] = b'x' * len(range(0, len(held), 4096))
+if os.fork() == 0:
+    own = bytearray(int(sys.argv[1]) * 2**20); own[::4096] = b'y' * len(range(0, len(own), 4096))
+    print('ready', flush=True)
+time.sleep(60)
+"""
+
+
+@pytest.fixture
+def forked_tree():
+    """Start ``_FORKS`` with the fork's own MB; yield its tree (parent, fork) once both hold their memory."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    started: list[subprocess.Popen] = []
+
+    def start(own_mb: int) -> list[psutil.Process]:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", _FORKS, str(own_mb)], stdout=subprocess.PIPE, start_new_session=True
+        )
+        started.append(proc)
+        assert proc.stdout.readline() == b"ready\n"
+        root = psutil.Process(proc.pid)
+        return [root, *root.children(recursive=True)]
+
+    yield start
+    for proc in started:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def _pss(members: list[psutil.Process]) -> int:
+    """What the kernel says the tree holds, shared pages split among the processes sharing them."""
+    return sum(member.memory_full_info().pss for member in members)
+
+
+@pytest.mark.parametrize("own_mb", [0, 200])
+def test_a_fork_that_has_not_execed_counts_only_beyond_its_parent(forked_tree, own_mb):
+    from prunecomp_export.child import TreeSampler
+    from prunecomp_export.costs import resident_bytes
+
+    members = forked_tree(own_mb)
+    assert len(members) == 2
+    raw = sum(member.memory_info().rss for member in members)
+    pss = _pss(members)
+    assert raw - pss >= 250 * MB  # a plain sum of RSS counts the 300 MB the two share twice
+    counted = resident_bytes(members)
+    assert abs(sum(counted.values()) - pss) <= 40 * MB
+    assert abs(counted[members[1].pid] - own_mb * MB) <= 40 * MB
+    sampler = TreeSampler(members[0].pid)
+    sampler.sample()
+    assert abs(sampler.peak_rss_bytes - pss) <= 40 * MB
+    assert abs(sampler.process_peaks[members[1].pid][1] - own_mb * MB) <= 40 * MB
