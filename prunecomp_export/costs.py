@@ -117,8 +117,8 @@ def resident_bytes(members: Sequence[psutil.Process]) -> dict[int, int]:
     forked and not exec'd yet counts only the RSS it has beyond its parent's: the rest are its parent's
     pages, shared until it execs (or all of them: a vfork shares the parent's memory), which a sum of RSS
     would count twice. Caught between its fork and its exec, lm-eval's `git describe` read as a second
-    copy of the 1 GB QA child that launched it. Pages a fork worker copies on writing count once (an
-    undercount, where a sum of RSS would overcount them all)."""
+    copy of the 1 GB QA child that launched it. A fork worker's copies of the pages it wrote to are
+    not counted (an undercount, where a sum of RSS counts every page it shares twice)."""
     rss: dict[int, int] = {}
     for member in members:
         with contextlib.suppress(psutil.Error):
